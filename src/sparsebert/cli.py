@@ -1,0 +1,183 @@
+"""`sparsebert` command line: finetune, prune, evaluate, sparsity (and more as they land).
+
+Our own options use dashes (``--max-train-samples``); every `transformers.TrainingArguments`
+field is accepted too (``--learning_rate``, ``--num_train_epochs``, ``--max_steps``,
+``--per_device_train_batch_size``, ``--report_to`` ...), overriding the recipe's
+``training`` section, which overrides sparsebert's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from sparsebert.errors import SparseBertError
+
+EPILOG = (
+    "Any transformers TrainingArguments field can be given as --name value "
+    "(e.g. --num_train_epochs 3 --learning_rate 5e-5 --max_steps 1000)."
+)
+
+
+def _data_options(p: argparse.ArgumentParser, train: bool = True) -> None:
+    p.add_argument("--task", required=True, help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte")
+    p.add_argument(
+        "--data-dir",
+        help="folder with GLUE-format files (or task subfolders); "
+        "omit to load the task from the Hugging Face hub",
+    )
+    if train:
+        p.add_argument("--max-train-samples", type=int, help="use the first N training examples")
+    p.add_argument("--max-eval-samples", type=int, help="use the first N evaluation examples")
+    p.add_argument("--max-seq-length", type=int, default=128)
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="local path or hub name (default: embedded all-MiniLM-L6-v2)"
+    )
+    p.add_argument("--output-dir", required=True, help="where checkpoints, the model and reports go")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set schedule.end=0.8 --set lr.rewarm=false",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="resume from the last checkpoint in --output-dir (or from the given one)",
+    )
+    _data_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsebert", description="Sparse, accurate, fast BERT-family models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ft = sub.add_parser(
+        "finetune", help="dense fine-tuning (e.g. the teacher for distillation)", epilog=EPILOG
+    )
+    _train_options(ft)
+
+    pr = sub.add_parser(
+        "prune", help="prune while fine-tuning with a recipe (GMP* by default)", epilog=EPILOG
+    )
+    _train_options(pr)
+    pr.add_argument("--recipe", default="gmp", help="shipped recipe name (gmp, gmp-smc) or a YAML path")
+    pr.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (overrides the recipe)")
+    pr.add_argument("--teacher", help="fine-tuned dense model to distil from")
+
+    ev = sub.add_parser("evaluate", help="evaluate a saved model on a task")
+    ev.add_argument("model")
+    _data_options(ev, train=False)
+    ev.add_argument("--split", default="validation")
+    ev.add_argument("--batch-size", type=int, default=128)
+
+    sp = sub.add_parser("sparsity", help="per-layer sparsity report of any saved model")
+    sp.add_argument("model")
+    sp.add_argument(
+        "--targets",
+        nargs="+",
+        default=["encoder-linears"],
+        help="presets (encoder-linears embeddings pooler classifier all-2d) or regexes",
+    )
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sub.add_parser("recipes", help="list the shipped recipes")
+    return parser
+
+
+def _training_overrides(rest: list[str]) -> dict:
+    """Parse leftover ``--field value`` pairs as TrainingArguments fields, keeping only given ones."""
+    if not rest:
+        return {}
+    from transformers import HfArgumentParser, TrainingArguments
+
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in rest if a.startswith("--")}
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(given - known)
+    if unknown:
+        raise SparseBertError(
+            f"unknown option(s) --{', --'.join(unknown)}: not a sparsebert option nor a "
+            "TrainingArguments field (see `sparsebert prune --help`)"
+        )
+    parser = HfArgumentParser(TrainingArguments)
+    try:
+        (ta,) = parser.parse_args_into_dataclasses(args=rest + ["--output_dir", "unused"])
+    except SystemExit:
+        raise SparseBertError(f"could not parse training arguments {' '.join(rest)}") from None
+    return {name: getattr(ta, name) for name in given}
+
+
+def _run_training(ns: argparse.Namespace, rest: list[str]) -> int:
+    from sparsebert.pipeline import DataOptions, train_and_prune
+    from sparsebert.recipe import load_recipe
+
+    overrides = list(ns.set)
+    if ns.command == "prune" and ns.sparsity is not None:
+        overrides.append(f"sparsity={ns.sparsity}")
+    recipe = load_recipe("finetune" if ns.command == "finetune" else ns.recipe, overrides)
+    data = DataOptions(ns.task, ns.data_dir, ns.max_train_samples, ns.max_eval_samples, ns.max_seq_length)
+    info = train_and_prune(
+        ns.model,
+        data,
+        recipe,
+        ns.output_dir,
+        teacher_path=getattr(ns, "teacher", None),
+        training_overrides=_training_overrides(rest),
+        resume=ns.resume,
+    )
+    summary = {k: info[k] for k in ("task", "target_sparsity", "train_steps", "wall_seconds")}
+    summary["measured_sparsity"] = info["sparsity"]["target_sparsity"]
+    summary["metrics"] = info["metrics"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    try:
+        if ns.command in ("finetune", "prune"):
+            return _run_training(ns, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if ns.command == "evaluate":
+            from sparsebert.pipeline import DataOptions, evaluate_saved
+
+            data = DataOptions(ns.task, ns.data_dir, None, ns.max_eval_samples, ns.max_seq_length, ns.split)
+            print(json.dumps(evaluate_saved(ns.model, data, ns.batch_size), indent=2))
+            return 0
+        if ns.command == "sparsity":
+            from transformers import AutoModel
+
+            from sparsebert.models import resolve_model_path
+            from sparsebert.report import format_report, sparsity_report
+
+            model = AutoModel.from_pretrained(resolve_model_path(ns.model))
+            report = sparsity_report(model, ns.targets)
+            print(json.dumps(report, indent=2) if ns.json else format_report(report))
+            return 0
+        if ns.command == "recipes":
+            from sparsebert.recipe import available_recipes
+
+            print("\n".join(available_recipes()))
+            return 0
+    except SparseBertError as err:
+        print(f"sparsebert: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pruning methods: each a composition of target, criterion, allocation and schedule."""

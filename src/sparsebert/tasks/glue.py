@@ -1,0 +1,282 @@
+"""The eight GLUE tasks: files in GLUE format (or the quirky copies in ../shared/data), or
+the Hugging Face hub by name, with the official metric of each task.
+
+Local layouts handled: GLUE's own (``SST-2/train.tsv``, ``dev.tsv``), the ALPS re-split of
+SST-2 (train = alps_train + alps_dev, dev = alps_test), CoLA's header-less raw files,
+MRPC's UTF-8 BOM, and the derived MNLI dev file (premise/hypothesis/label columns).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sparsebert.errors import SparseBertError
+
+csv.field_size_limit(sys.maxsize)
+
+# Role -> column names that may hold it, in order of preference.
+_TEXT_A = ("sentence1", "premise", "#1 String", "question1", "question", "sentence")
+_TEXT_B = ("sentence2", "hypothesis", "#2 String", "question2", "sentence")
+_LABEL = ("label", "gold_label", "Quality", "is_duplicate", "score")
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """What a GLUE task is: its inputs, label space, metric and where its files may be."""
+
+    name: str
+    pair: bool
+    labels: tuple[str, ...] | None  # None: regression
+    main_metric: str
+    folders: tuple[str, ...]
+    split_files: dict[str, tuple[tuple[str, ...], ...]]  # split -> alternative file groups
+    headerless_columns: tuple[str, ...] | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+def _splits(train, validation, test=(("test.tsv",),), **extra):
+    return {"train": train, "validation": validation, "test": test, **extra}
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask(
+        "cola", False, ("unacceptable", "acceptable"), "matthews_correlation", ("cola", "CoLA"),
+        _splits((("train.tsv",), ("in_domain_train.tsv",)),
+                (("dev.tsv",), ("in_domain_dev.tsv",))),
+        headerless_columns=("source", "label", "original_label", "sentence"),
+    ),
+    "sst2": GlueTask(
+        "sst2", False, ("negative", "positive"), "accuracy", ("sst2", "SST-2", "sst-2"),
+        _splits((("train.tsv",), ("alps_train.tsv", "alps_dev.tsv")),
+                (("dev.tsv",), ("alps_test.tsv",))),
+    ),
+    "mrpc": GlueTask(
+        "mrpc", True, ("not_equivalent", "equivalent"), "f1", ("mrpc", "MRPC"),
+        _splits((("train.tsv",),), (("dev.tsv",),), (("msr_paraphrase_test.txt",),)),
+    ),
+    "stsb": GlueTask(
+        "stsb", True, None, "pearson", ("stsb", "STS-B", "sts-b"),
+        _splits((("train.tsv",),), (("dev.tsv",),)),
+    ),
+    "qqp": GlueTask(
+        "qqp", True, ("not_duplicate", "duplicate"), "f1", ("qqp", "QQP"),
+        _splits((("train.tsv",),), (("dev.tsv",),)),
+    ),
+    "mnli": GlueTask(
+        "mnli", True, ("entailment", "neutral", "contradiction"), "accuracy", ("mnli", "MNLI"),
+        _splits((("train.tsv",),), (("dev_matched.tsv",), ("mnli_dev_matched_derived.tsv",)),
+                (("test_matched.tsv",),),
+                validation_mismatched=(("dev_mismatched.tsv",),)),
+        hub_splits={"validation": "validation_matched", "test": "test_matched"},
+    ),
+    "qnli": GlueTask(
+        "qnli", True, ("entailment", "not_entailment"), "accuracy", ("qnli", "QNLI"),
+        _splits((("train.tsv",),), (("dev.tsv",),)),
+    ),
+    "rte": GlueTask(
+        "rte", True, ("entailment", "not_entailment"), "accuracy", ("rte", "RTE"),
+        _splits((("train.tsv",),), (("dev.tsv",),)),
+    ),
+}
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli_matched": "mnli"}
+
+
+def get_task(name: str) -> GlueTask:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in GLUE_TASKS:
+        close = difflib.get_close_matches(key, list(GLUE_TASKS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise SparseBertError(f"unknown task '{name}'{hint}; known tasks: {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[key]
+
+
+def _task_dir(task: GlueTask, data_dir: str) -> str:
+    """The folder holding the task's files: ``data_dir`` itself or one of its task subfolders."""
+    if not os.path.isdir(data_dir):
+        raise SparseBertError(f"data directory '{data_dir}' does not exist")
+    all_files = {f for groups in task.split_files.values() for g in groups for f in g}
+    if any(os.path.isfile(os.path.join(data_dir, f)) for f in all_files) and not any(
+        os.path.isdir(os.path.join(data_dir, d)) for d in task.folders
+    ):
+        return data_dir
+    for folder in task.folders:
+        path = os.path.join(data_dir, folder)
+        if os.path.isdir(path):
+            return path
+    raise SparseBertError(
+        f"no {task.name} data in '{data_dir}': expected a subfolder named "
+        f"{' or '.join(task.folders)} holding GLUE-format files (train.tsv, dev.tsv)"
+    )
+
+
+def _read_rows(path: str, headerless: tuple[str, ...] | None) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = [r for r in reader if r]
+    if not rows:
+        raise SparseBertError(f"data file '{path}' is empty")
+    first = [c.strip() for c in rows[0]]
+    has_header = any(c in _LABEL or c in _TEXT_A for c in first)
+    if has_header:
+        header, body = first, rows[1:]
+    elif headerless is not None:
+        header, body = list(headerless), rows
+    else:
+        raise SparseBertError(
+            f"data file '{path}' has no header row naming its columns; expected e.g. "
+            f"'sentence<TAB>label' or 'sentence1<TAB>sentence2<TAB>label'"
+        )
+    return [dict(zip(header, r, strict=False)) for r in body if len(r) >= len(header) - 1]
+
+
+def _pick(columns: list[str], candidates: tuple[str, ...], exclude: str | None = None) -> str | None:
+    for c in candidates:
+        if c in columns and c != exclude:
+            return c
+    return None
+
+
+def _label_id(task: GlueTask, raw: str, path: str) -> float | int:
+    raw = raw.strip()
+    if task.is_regression:
+        return float(raw)
+    if raw in task.labels:
+        return task.labels.index(raw)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SparseBertError(
+            f"{path}: label '{raw}' is not one of {task.name}'s labels {list(task.labels)}"
+        ) from None
+    if not 0 <= value < task.num_labels:
+        raise SparseBertError(f"{path}: label {value} out of range for {task.name}")
+    return value
+
+
+def read_glue_file(task: GlueTask, path: str) -> dict[str, list]:
+    """Read one GLUE-format file into columns ``text_a`` [, ``text_b``], ``label``."""
+    rows = _read_rows(path, task.headerless_columns)
+    columns = list(rows[0].keys()) if rows else []
+    a = _pick(columns, ("sentence",) if not task.pair else _TEXT_A)
+    b = _pick(columns, _TEXT_B, exclude=a) if task.pair else None
+    y = _pick(columns, _LABEL)
+    expected = "text column(s) and a label column"
+    for role, col in (("first text", a), ("second text", b if task.pair else "-"), ("label", y)):
+        if col is None:
+            raise SparseBertError(
+                f"data file '{path}' has no {role} column for {task.name} (columns: {columns}); "
+                f"a GLUE-format file needs {expected}"
+            )
+    out: dict[str, list] = {"text_a": [], "label": []}
+    if task.pair:
+        out["text_b"] = []
+    for r in rows:
+        if r.get(y) in (None, "", "-"):
+            continue  # unlabelled rows (e.g. MNLI's no-consensus '-')
+        out["text_a"].append(r[a].strip())
+        if task.pair:
+            out["text_b"].append((r.get(b) or "").strip())
+        out["label"].append(_label_id(task, r[y], path))
+    return out
+
+
+def _load_local(task: GlueTask, data_dir: str, split: str) -> dict[str, list]:
+    folder = _task_dir(task, data_dir)
+    groups = task.split_files.get(split)
+    if groups is None:
+        raise SparseBertError(f"{task.name} has no split '{split}'; splits: {', '.join(task.split_files)}")
+    for group in groups:
+        paths = [os.path.join(folder, f) for f in group]
+        if all(os.path.isfile(p) for p in paths):
+            merged: dict[str, list] = {}
+            for p in paths:
+                for k, v in read_glue_file(task, p).items():
+                    merged.setdefault(k, []).extend(v)
+            return merged
+    wanted = " or ".join("+".join(g) for g in groups)
+    present = ", ".join(sorted(os.listdir(folder))) or "nothing"
+    raise SparseBertError(
+        f"{task.name} has no '{split}' split in '{folder}': expected {wanted}, found {present}. "
+        f"Point --data-dir at a folder that has it, or load the task from the hub"
+    )
+
+
+def _load_hub(task: GlueTask, hub_name: str, split: str) -> dict[str, list]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(hub_name, task.name, split=task.hub_splits.get(split, split))
+    except Exception as err:  # network, unknown name, missing split
+        raise SparseBertError(
+            f"could not load {task.name} '{split}' from the hub dataset '{hub_name}': {err}. "
+            "Without internet, pass --data-dir with GLUE-format files"
+        ) from None
+    cols = ds.column_names
+    a = _pick(cols, ("sentence",) if not task.pair else _TEXT_A)
+    b = _pick(cols, _TEXT_B, exclude=a) if task.pair else None
+    out = {"text_a": list(ds[a]), "label": list(ds["label"])}
+    if b:
+        out["text_b"] = list(ds[b])
+    return out
+
+
+def load_split(
+    task: GlueTask | str,
+    split: str,
+    data_dir: str | None = None,
+    hub_name: str = "nyu-mll/glue",
+    max_samples: int | None = None,
+):
+    """Load one split as a `datasets.Dataset` with text_a [, text_b], label.
+
+    ``max_samples`` keeps the first N rows (a deterministic proxy subset).
+    """
+    import datasets
+
+    task = get_task(task) if isinstance(task, str) else task
+    cols = _load_local(task, data_dir, split) if data_dir else _load_hub(task, hub_name, split)
+    if not cols["label"]:
+        raise SparseBertError(f"{task.name} '{split}' has no labelled rows")
+    ds = datasets.Dataset.from_dict(cols)
+    if max_samples is not None:
+        if max_samples <= 0:
+            raise SparseBertError(f"max samples must be positive, got {max_samples}")
+        ds = ds.select(range(min(max_samples, len(ds))))
+    return ds
+
+
+def compute_metrics_fn(task: GlueTask) -> Callable:
+    """The official GLUE metric(s) of ``task`` for a transformers `EvalPrediction`."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    def compute(pred) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        labels = pred.label_ids
+        if task.is_regression:
+            p = np.squeeze(logits, -1) if logits.ndim > 1 else logits
+            return {"pearson": float(pearsonr(p, labels)[0]), "spearmanr": float(spearmanr(p, labels)[0])}
+        p = np.argmax(logits, axis=-1)
+        out = {"accuracy": float(accuracy_score(labels, p))}
+        if task.name == "cola":
+            out["matthews_correlation"] = float(matthews_corrcoef(labels, p))
+        if task.name in ("mrpc", "qqp"):
+            out["f1"] = float(f1_score(labels, p))
+        return out
+
+    return compute

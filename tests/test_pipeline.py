@@ -1,0 +1,136 @@
+"""End-to-end runs on a tiny random BERT: prune, save, load with plain transformers, resume,
+and a 2-process distributed prune."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from sparsebert.cli import main
+from sparsebert.masks import FixedMasks
+from sparsebert.methods.gmp import GradualMagnitudePruner
+from sparsebert.pipeline import DataOptions, train_and_prune
+from sparsebert.recipe import load_recipe
+from sparsebert.report import sparsity_report
+from sparsebert.targets import select_targets
+
+TRAIN = {"per_device_train_batch_size": 8, "logging_steps": 2, "use_cpu": True,
+         "dataloader_pin_memory": False}
+
+
+def _last_json(stdout: str) -> dict:
+    """The CLI's summary: the last top-level JSON object printed (the Trainer logs before it)."""
+    return json.loads(stdout[stdout.rindex('{\n  "'):])
+
+
+def test_prune_save_and_plain_load_give_same_logits(tiny_model_dir, sst2_dir, tmp_path, capsys):
+    out = str(tmp_path / "pruned")
+    rc = main(["prune", "--task", "sst2", "--data-dir", sst2_dir, "--model", tiny_model_dir,
+               "--teacher", tiny_model_dir, "--sparsity", "0.9", "--output-dir", out,
+               "--max_steps", "6", "--per_device_train_batch_size", "8", "--use_cpu", "true",
+               "--set", "schedule.frequency=0.2"])
+    assert rc == 0
+    summary = _last_json(capsys.readouterr().out)
+    assert summary["measured_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    info = json.load(open(os.path.join(out, "sparsebert.json")))
+    assert info["teacher"] == tiny_model_dir and info["recipe"]["name"] == "gmp"
+    assert os.path.isfile(os.path.join(out, "sparsity.txt"))
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert sparsity_report(model)["target_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = tok(["a good film", "an awful boring plot"], return_tensors="pt", padding=True)
+    # the same logits as the in-memory model that was trained: rebuild it from the state dict
+    again = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, again(**batch).logits)
+    from safetensors.torch import load_file
+
+    stored = load_file(os.path.join(out, "model.safetensors"))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), stored[name]), name
+
+
+def test_finetune_then_evaluate_and_sparsity_cli(tiny_model_dir, sst2_dir, tmp_path, capsys):
+    out = str(tmp_path / "dense")
+    assert main(["finetune", "--task", "sst2", "--data-dir", sst2_dir, "--model", tiny_model_dir,
+                 "--output-dir", out, "--max_steps", "2", "--use_cpu", "true"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", out, "--task", "sst2", "--data-dir", sst2_dir]) == 0
+    res = _last_json(capsys.readouterr().out)
+    assert 0.0 <= res["metrics"]["eval_accuracy"] <= 1.0 and res["encoder_linear_sparsity"] < 0.01
+    assert main(["sparsity", out, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["target_numel"] == 2 * (4 * 32 * 32 + 2 * 32 * 64)
+
+
+def test_resume_restores_masks_and_schedule(tiny_model_dir, sst2_dir, tmp_path):
+    recipe = load_recipe("gmp", ["sparsity=0.8", "schedule.frequency=0.25", "schedule.end=0.75",
+                                 "schedule.init_sparsity=0.5"])
+    data = DataOptions("sst2", sst2_dir, max_eval_samples=8)
+    args = {**TRAIN, "max_steps": 8, "save_steps": 4, "save_total_limit": None}
+    full = str(tmp_path / "full")
+    info = train_and_prune(tiny_model_dir, data, recipe, full, training_overrides=args)
+    prunes_full = [h for h in json.load(open(os.path.join(full, "checkpoint-8", "trainer_state.json")))
+                   ["log_history"] if "pruned_to_sparsity" in h]
+    assert [h["step"] for h in prunes_full] == [0, 2, 4, 6]
+    final = AutoModelForSequenceClassification.from_pretrained(full)
+    final_masks = FixedMasks.from_zeros(select_targets(final, recipe.targets))
+
+    # "interrupt" after step 4: keep only checkpoint-4, resume in a fresh process state
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(full, "checkpoint-4"), os.path.join(resumed, "checkpoint-4"))
+    ckpt_masks = FixedMasks(select_targets(AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(resumed, "checkpoint-4")), recipe.targets))
+    ckpt_masks.load(os.path.join(resumed, "checkpoint-4"))
+    assert 0.5 < ckpt_masks.sparsity() < 0.8  # mid-schedule masks were saved with the checkpoint
+    info2 = train_and_prune(tiny_model_dir, data, recipe, resumed, training_overrides=args, resume="auto")
+    assert info2["train_steps"] == info["train_steps"] == 8
+    again = AutoModelForSequenceClassification.from_pretrained(resumed)
+    again_masks = FixedMasks.from_zeros(select_targets(again, recipe.targets))
+    assert again_masks.digest() == final_masks.digest()
+    assert info2["sparsity"]["target_sparsity"] == pytest.approx(0.8, abs=1e-4)
+    for (n, a), (_, b) in zip(final.named_parameters(), again.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_pruner_follows_schedule_exactly(tiny_model_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    recipe = load_recipe("gmp", ["sparsity=0.9"])
+    pruner = GradualMagnitudePruner(select_targets(model, "encoder-linears"),
+                                    recipe.gradual_schedule(), "uniform")
+    total = 100
+    for step in range(total):
+        pruner.maybe_prune(step, total)
+        expected = recipe.gradual_schedule().sparsity_at(step, total)
+        assert pruner.masks.sparsity() == pytest.approx(expected, abs=2e-3)
+    for m in pruner.masks.masks.values():  # uniform: every matrix exactly 90%
+        assert int((~m).sum()) == round(0.9 * m.numel())
+
+
+def test_two_process_prune_has_identical_masks(tiny_model_dir, sst2_dir, tmp_path):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", "-m", "sparsebert.cli", "prune", "--task", "sst2",
+           "--data-dir", sst2_dir, "--model", tiny_model_dir, "--sparsity", "0.9",
+           "--output-dir", out, "--max_steps", "6", "--per_device_train_batch_size", "8",
+           "--use_cpu", "true", "--ddp_backend", "gloo", "--set", "schedule.frequency=0.2",
+           "--save_strategy", "no"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = [json.load(open(os.path.join(out, f"mask_digest_rank{r}.json"))) for r in (0, 1)]
+    assert digests[0]["digest"] == digests[1]["digest"]
+    n = 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert digests[0]["sparsity"] == pytest.approx(round(0.9 * n) / n, abs=1e-9)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    rep = sparsity_report(model)
+    assert rep["target_zeros"] == round(0.9 * rep["target_numel"])
