@@ -92,8 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    ex = sub.add_parser("export", help="compressed sparse checkpoint or ONNX export of a saved model")
+    ex.add_argument("model")
+    ex.add_argument("--format", choices=["compressed", "onnx"], default="compressed")
+    ex.add_argument("--out", required=True, help="output directory (config and tokenizer are copied)")
+    ex.add_argument("--fp16", action="store_true", help="store the non-zero values in fp16")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset")
+
+    be = sub.add_parser("bench", help="CPU latency: dense PyTorch vs sparse runtime vs ONNX Runtime")
+    be.add_argument("model", nargs="?", default=None, help="saved model (default: embedded MiniLM)")
+    be.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    be.add_argument("--seqs", type=int, nargs="+", default=[128])
+    be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--repeats", type=int, default=10)
+    be.add_argument("--runtimes", nargs="+", default=None,
+                    help="torch sparse onnxruntime deepsparse (default: all that are installed)")
+    be.add_argument("--out", default="bench_results", help="folder for bench.json and bench.md")
+
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
+
+
+def _run_export(ns: argparse.Namespace) -> int:
+    from sparsebert.export import export_model
+    from sparsebert.models import resolve_model_path
+
+    report = export_model(resolve_model_path(ns.model), ns.out, format=ns.format, fp16=ns.fp16,
+                          opset=ns.opset)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _run_bench(ns: argparse.Namespace) -> int:
+    import os
+
+    from sparsebert.models import resolve_model_path
+    from sparsebert.runtime.bench import benchmark_model, write_json, write_markdown
+
+    result = benchmark_model(resolve_model_path(ns.model), batches=ns.batches, seqs=ns.seqs,
+                             threads=ns.threads, repeats=ns.repeats, runtimes=ns.runtimes,
+                             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    os.makedirs(ns.out, exist_ok=True)
+    write_json(result, os.path.join(ns.out, "bench.json"))
+    md = write_markdown(result, os.path.join(ns.out, "bench.md"), title=f"sparsebert bench {ns.model or ''}")
+    print(open(md).read())
+    return 0
 
 
 def _training_overrides(rest: list[str]) -> dict:
@@ -160,14 +203,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command == "sparsity":
             from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
 
             from sparsebert.models import resolve_model_path
+
+            hf_logging.set_verbosity_error()  # the report, not a load report of unused heads
             from sparsebert.report import format_report, sparsity_report
 
             model = AutoModel.from_pretrained(resolve_model_path(ns.model))
             report = sparsity_report(model, ns.targets)
             print(json.dumps(report, indent=2) if ns.json else format_report(report))
             return 0
+        if ns.command == "export":
+            return _run_export(ns)
+        if ns.command == "bench":
+            return _run_bench(ns)
         if ns.command == "recipes":
             from sparsebert.recipe import available_recipes
 

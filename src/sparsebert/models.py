@@ -64,8 +64,14 @@ def load_tokenizer(name_or_path: str | None):
         raise _hub_error(path, err) from None
 
 
-def load_classifier(name_or_path: str | None, num_labels: int, regression: bool = False):
-    """A sequence-classification model; a new head is initialised if the checkpoint has none."""
+def load_classifier(
+    name_or_path: str | None, num_labels: int, regression: bool = False, require_head: bool = False
+):
+    """A sequence-classification model; a new head is initialised if the checkpoint has none.
+
+    ``require_head`` (evaluation, teachers) refuses a checkpoint without a trained
+    classification head: a random head would give silently meaningless results.
+    """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
@@ -77,6 +83,12 @@ def load_classifier(name_or_path: str | None, num_labels: int, regression: bool 
     finetuned = bool(getattr(config, "architectures", None)) and any(
         a.endswith("ForSequenceClassification") for a in config.architectures
     )
+    if require_head and not finetuned:
+        raise SparseBertError(
+            f"model '{name_or_path}' has no trained sequence-classification head "
+            f"(architectures: {getattr(config, 'architectures', None)}): fine-tune it first "
+            "with `sparsebert finetune`"
+        )
     if finetuned and have != num_labels:
         raise SparseBertError(
             f"model '{name_or_path}' is a classifier with {have} labels, the task needs {num_labels}: "

@@ -1,0 +1,354 @@
+"""Latency benchmark: dense PyTorch and ONNX Runtime against the sparse runtime.
+
+Why the protocol looks like this:
+- every runtime runs in the same process on the same inputs, one repeat of each in turn
+  (interleaved), so a burst of background load hits all runtimes alike;
+- the score is the median over repeats after warm-up, and each sparse runtime is compared
+  with the best dense runtime *of the same run and shape*, never with a remembered number;
+- the sparse runtime is calibrated for each shape it is measured at, since whether a
+  layer pays off sparse depends on the number of tokens;
+- ONNX Runtime gets its best configuration: the graph is optimised with its transformer
+  fusions (attention, GELU, skip-layer-norm) when that works, plain otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsebert.errors import SparseBertError
+
+DENSE_RUNTIMES = ("torch", "onnxruntime")
+ALL_RUNTIMES = ("torch", "sparse", "onnxruntime", "deepsparse")
+
+
+def default_runtimes() -> tuple[str, ...]:
+    """torch, sparse, onnxruntime, and deepsparse when it is installed."""
+    extra = ("deepsparse",) if importlib.util.find_spec("deepsparse") else ()
+    return ("torch", "sparse", "onnxruntime", *extra)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, core count, SIMD flags and library versions, for the record."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import numba
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "simd": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_vnni"}),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numba": numba.__version__,
+    }
+
+
+def encoder_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros over the encoder linears (the pruned set)."""
+    from sparsebert.targets import select_targets
+
+    try:
+        params = select_targets(model, "encoder-linears").values()
+    except SparseBertError:
+        return 0.0
+    total = sum(p.numel() for p in params)
+    return float(sum(int((p == 0).sum()) for p in params)) / max(1, total)
+
+
+def _inputs(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    from sparsebert.export import model_input_names
+
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+    gen = torch.Generator().manual_seed(seed)
+    low = min(1000, vocab // 2)
+    feeds = {
+        "input_ids": torch.randint(low, vocab, (batch, seq), generator=gen),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "token_type_ids": torch.zeros(batch, seq, dtype=torch.long),
+    }
+    return {n: feeds[n] for n in model_input_names(model)}
+
+
+def _onnx_session(model: nn.Module, path: Path, threads: int) -> tuple[Any, str]:
+    """An ONNX Runtime session on the best graph we can make; returns (session, graph kind)."""
+    import onnxruntime as ort
+
+    from sparsebert.export import export_onnx
+
+    export_onnx(model, {"batch": 2, "seq": 16}, path)
+    graph, kind = path, "plain"
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", "") in ("bert", "roberta", "distilbert", "electra"):
+        try:
+            from onnxruntime.transformers import optimizer
+
+            opt = optimizer.optimize_model(
+                str(path),
+                model_type="bert",
+                num_heads=int(config.num_attention_heads),
+                hidden_size=int(config.hidden_size),
+                opt_level=1,
+            )
+            graph = path.with_name(path.stem + "_fused.onnx")
+            opt.save_model_to_file(str(graph))
+            kind = "transformer-fused"
+        except Exception:  # the optimiser is best effort: fall back to the plain graph
+            graph, kind = path, "plain"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    return session, kind
+
+
+def _deepsparse_runner(onnx_path: Path, feeds: dict, threads: int) -> Callable[[], Any]:
+    from deepsparse import compile_model
+
+    names = list(feeds)
+    arrays = [feeds[n].numpy() for n in names]
+    engine = compile_model(
+        str(onnx_path),
+        batch_size=arrays[0].shape[0],
+        num_cores=threads,
+        input_shapes=[list(a.shape) for a in arrays],
+    )
+    return lambda: engine.run(arrays)
+
+
+def _load(model_dir_or_model: str | os.PathLike | nn.Module) -> nn.Module:
+    if isinstance(model_dir_or_model, nn.Module):
+        return model_dir_or_model.eval()
+    from sparsebert.export import load_pretrained
+
+    return load_pretrained(model_dir_or_model)
+
+
+def benchmark_model(
+    model_dir_or_model: str | os.PathLike | nn.Module,
+    batches: Iterable[int] = (1, 16),
+    seqs: Iterable[int] = (128,),
+    threads: int = 2,
+    repeats: int = 10,
+    warmup: int = 2,
+    runtimes: Iterable[str] | None = None,
+    settle_s: float = 0.05,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Median latency and throughput of each runtime at each (batch, seq).
+
+    model_dir_or_model: a transformers model directory (dense or `export_model`'s
+        compressed format) or a loaded model; it is not modified.
+    runtimes: any of ``torch`` (eager, dense), ``sparse`` (`sparsify_for_inference`,
+        calibrated per shape), ``onnxruntime`` (dense ONNX), ``deepsparse`` (if
+        installed); default `default_runtimes`.
+    settle_s: idle time before each timed run, so no runtime's spinning threads linger.
+    Returns ``{"rows": [...], "machine": ..., "settings": ..., "sparse_plans": ...}``;
+    each row has batch, seq, runtime, median_ms, throughput (sequences/s), dense (bool)
+    and speedup_vs_best_dense (best dense median of that shape / this median).
+    """
+    from sparsebert.runtime.sparsify import sparsify_for_inference
+
+    runtimes = tuple(default_runtimes() if runtimes is None else runtimes)
+    unknown = [r for r in runtimes if r not in ALL_RUNTIMES]
+    if unknown or not runtimes:
+        raise SparseBertError(
+            f"unknown runtime(s) {unknown or '(none given)'}: choose from {', '.join(ALL_RUNTIMES)}"
+        )
+    if "deepsparse" in runtimes and not importlib.util.find_spec("deepsparse"):
+        raise SparseBertError("runtime 'deepsparse' requested but deepsparse is not installed")
+    if threads < 1 or repeats < 1 or warmup < 0:
+        raise SparseBertError("threads and repeats must be >= 1, warmup >= 0")
+    say = progress or (lambda _msg: None)
+    model = _load(model_dir_or_model)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: list[dict[str, Any]] = []
+    plans: dict[str, list] = {}
+    settings: dict[str, Any] = {"threads": threads, "repeats": repeats, "warmup": warmup,
+                                "settle_s": settle_s, "runtimes": list(runtimes)}  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="sparsebert-bench-") as tmp:
+            session = None
+            if "onnxruntime" in runtimes or "deepsparse" in runtimes:
+                say("exporting ONNX")
+                session, kind = _onnx_session(model, Path(tmp) / "model.onnx", threads)
+                settings["onnxruntime_graph"] = kind
+            for seq in seqs:
+                for batch in batches:
+                    feeds = _inputs(model, batch, seq)
+                    runners: dict[str, Callable[[], Any]] = {}
+                    if "torch" in runtimes:
+                        runners["torch"] = lambda f=feeds: model(**f)
+                    if "sparse" in runtimes:
+                        say(f"calibrating the sparse runtime for batch {batch} x seq {seq}")
+                        sparse_model = copy.deepcopy(model)
+                        plan = sparsify_for_inference(sparse_model, sample_tokens=batch * seq)
+                        plans[f"{batch}x{seq}"] = [asdict(d) for d in plan.decisions]
+                        runners["sparse"] = lambda f=feeds, m=sparse_model: m(**f)
+                    if "onnxruntime" in runtimes:
+                        np_feeds = {k: v.numpy() for k, v in feeds.items()}
+                        runners["onnxruntime"] = lambda f=np_feeds: session.run(None, f)
+                    if "deepsparse" in runtimes:
+                        path = Path(tmp) / "model.onnx"
+                        runners["deepsparse"] = _deepsparse_runner(path, feeds, threads)
+                    say(f"timing batch {batch} x seq {seq}: {', '.join(runners)}")
+                    rows.extend(_time_shape(runners, batch, seq, repeats, warmup, settle_s))
+    finally:
+        torch.set_num_threads(old_threads)
+    _add_ratios(rows)
+    return {
+        "model": _describe(model_dir_or_model, model),
+        "encoder_sparsity": encoder_sparsity(model),
+        "machine": machine_info(),
+        "settings": settings,
+        "rows": rows,
+        "sparse_plans": plans,
+    }
+
+
+def _describe(source: Any, model: nn.Module) -> str:
+    if isinstance(source, nn.Module):
+        return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return str(source)
+
+
+def _time_shape(
+    runners: Mapping[str, Callable[[], Any]],
+    batch: int,
+    seq: int,
+    repeats: int,
+    warmup: int,
+    settle_s: float,
+) -> list[dict[str, Any]]:
+    """Interleaved timing: each repeat runs every runtime once, in rotating order.
+
+    Before each timed run the process idles ``settle_s`` seconds: thread pools (OpenMP,
+    ONNX Runtime) spin-wait after their work, and a pool still spinning would steal the
+    cores from the next runtime (measured here: PyTorch 2x slower right after ORT).
+    """
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                runners[n]()
+        for r in range(repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for n in order:
+                time.sleep(settle_s)
+                start = time.perf_counter()
+                runners[n]()
+                times[n].append(time.perf_counter() - start)
+    rows = []
+    for n in names:
+        median_s = statistics.median(times[n])
+        rows.append(
+            {
+                "batch": batch,
+                "seq": seq,
+                "runtime": n,
+                "dense": n in DENSE_RUNTIMES,
+                "median_ms": median_s * 1e3,
+                "min_ms": min(times[n]) * 1e3,
+                "throughput": batch / median_s,
+            }
+        )
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        dense = [
+            r["median_ms"]
+            for r in rows
+            if r["dense"] and (r["batch"], r["seq"]) == (row["batch"], row["seq"])
+        ]
+        row["speedup_vs_best_dense"] = (min(dense) / row["median_ms"]) if dense else None
+
+
+def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a benchmark result as indented JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def markdown_table(rows: Iterable[Mapping[str, Any]], extra: Iterable[str] = ()) -> str:
+    """A markdown table of benchmark rows (``extra``: more row keys to show first)."""
+    extra = list(extra)
+    head = [*extra, "batch", "seq", "runtime", "median ms", "seq/s", "vs best dense"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ratio = r.get("speedup_vs_best_dense")
+        cells = [_fmt(r.get(k)) for k in extra] + [
+            str(r["batch"]),
+            str(r["seq"]),
+            r["runtime"],
+            f"{r['median_ms']:.1f}",
+            f"{r.get('throughput', r['batch'] * 1e3 / r['median_ms']):.1f}",
+            "-" if ratio is None else f"{ratio:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.0%}" if 0.0 <= value <= 1.0 else f"{value:.3g}"
+    return str(value)
+
+
+def write_markdown(result: Mapping[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Write a benchmark result as a markdown table with the machine and settings."""
+    machine = result.get("machine", {})
+    settings = result.get("settings", {})
+    text = [f"# {title or 'Sparse runtime benchmark'}", ""]
+    if "model" in result:
+        text.append(f"Model: `{result['model']}`, encoder sparsity "
+                    f"{result.get('encoder_sparsity', 0.0):.1%}.")  # fmt: skip
+    text += [
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('logical_cpus', '?')} logical CPUs, "
+        f"{', '.join(machine.get('simd', []))}; torch {machine.get('torch', '?')}, "
+        f"onnxruntime {machine.get('onnxruntime', '?')}, numba {machine.get('numba', '?')}.",
+        f"Threads {settings.get('threads', '?')}, median of {settings.get('repeats', '?')} "
+        "interleaved repeats after warm-up.",
+        "",
+        markdown_table(result["rows"]),
+        "",
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+    return path

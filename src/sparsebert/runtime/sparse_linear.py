@@ -1,0 +1,138 @@
+"""`SparseLinear`: an inference-only drop-in for `nn.Linear` whose weight is mostly zeros."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import nn
+
+from sparsebert.runtime import kernels
+from sparsebert.runtime.sparse_format import GroupedSparse, to_dense, to_grouped
+
+ACTIVATIONS = {None: kernels.ACT_NONE, "gelu": kernels.ACT_GELU}
+"""Activations the kernel can fuse into its output store (``gelu`` = exact, erf-based)."""
+
+
+def sync_threads() -> int:
+    """Make numba use as many threads as torch (capped by numba's pool); return that count.
+
+    Numba's OpenMP layer binds to the libgomp torch loaded, so both share one thread pool
+    and handing over between a torch op and a sparse kernel costs no spinning threads. But
+    starting numba's pool resets OpenMP's thread count, which is torch's: put it back.
+    """
+    want = torch.get_num_threads()
+    n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+    return n
+
+
+def work_chunks(n_tokens: int, n_groups: int, threads: int) -> int:
+    """Row chunks per token tile, so that small inputs (batch 1) still give every thread work."""
+    n_tiles = -(-n_tokens // kernels.LANES)
+    if n_tiles >= 2 * threads:
+        return 1
+    return max(1, min(n_groups, -(-2 * threads // n_tiles)))
+
+
+def check_inference(x: torch.Tensor, what: str) -> None:
+    """Refuse to run where autograd would need a gradient the sparse kernel cannot give."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            f"{what} is inference-only: run the model under torch.no_grad() or "
+            "torch.inference_mode()"
+        )
+
+
+def as_matrix(x: torch.Tensor, n_in: int, what: str) -> torch.Tensor:
+    """(..., n_in) -> (tokens, n_in) float32, C-contiguous, on the CPU."""
+    if x.shape[-1] != n_in:
+        raise ValueError(f"{what} expects {n_in} input features, got shape {tuple(x.shape)}")
+    x2 = x.reshape(-1, n_in)
+    if x2.dtype != torch.float32 or x2.device.type != "cpu" or not x2.is_contiguous():
+        x2 = x2.to("cpu", torch.float32).contiguous()
+    return x2
+
+
+def run_spmm(
+    x2: torch.Tensor, sparse: GroupedSparse, bias: np.ndarray, act: int, out: torch.Tensor
+) -> None:
+    """``out = act(x2 @ W.T + b)`` with the numba kernel, on torch's thread count."""
+    if x2.shape[0] == 0:
+        return
+    threads = sync_threads()
+    chunks = work_chunks(x2.shape[0], sparse.n_groups, threads)
+    with kernels.vector_codegen():
+        kernels.spmm(
+            x2.numpy(), sparse.ptr, sparse.indices, sparse.values, sparse.perm, bias,
+            act, chunks, threads, out.numpy(),
+        )  # fmt: skip
+
+
+class SparseLinear(nn.Module):
+    """``y = act(x @ W.T + b)`` with ``W`` stored sparse and multiplied by a numba kernel.
+
+    Inference only: the weight is a converted copy (no parameters, no gradients), and the
+    forward pass refuses to run while autograd is recording. Any leading batch dimensions
+    are kept, (..., in) -> (..., out); batch 1, empty rows and fully dense rows all work.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        activation: str | None = None,
+        panel: int | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported fused activation {activation!r}: use one of {list(ACTIVATIONS)}"
+            )
+        w = weight.detach().to("cpu", torch.float32).numpy()
+        self.sparse: GroupedSparse = to_grouped(w, panel=panel)
+        self.out_features, self.in_features = w.shape
+        b = None if bias is None else bias.detach().to("cpu", torch.float32).numpy()
+        self.bias_sorted = self.sparse.sorted_bias(b)
+        self.has_bias = bias is not None
+        self.activation = activation
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, activation: str | None = None, panel: int | None = None
+    ) -> SparseLinear:
+        """Convert an `nn.Linear` (its zeros are the pruned weights)."""
+        return cls(linear.weight, linear.bias, activation=activation, panel=panel)
+
+    @property
+    def density(self) -> float:
+        """Fraction of non-zero weights."""
+        return self.sparse.nnz / max(1, self.out_features * self.in_features)
+
+    def to_linear(self) -> nn.Linear:
+        """The equivalent dense `nn.Linear` (without the fused activation)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.has_bias)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(to_dense(self.sparse)))
+            if self.has_bias:
+                bias = np.empty(self.out_features, np.float32)
+                bias[self.sparse.perm.astype(np.int64)] = self.bias_sorted
+                linear.bias.copy_(torch.from_numpy(bias))
+        return linear
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation}" if self.activation else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.has_bias}, density={self.density:.3f}{act}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_inference(x, "SparseLinear")
+        x2 = as_matrix(x, self.in_features, "SparseLinear")
+        out = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        run_spmm(x2, self.sparse, self.bias_sorted, ACTIVATIONS[self.activation], out)
+        return out.reshape(*x.shape[:-1], self.out_features)

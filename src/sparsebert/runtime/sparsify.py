@@ -1,0 +1,299 @@
+"""Swap sparse kernels into a model wherever they are faster, and only there.
+
+A layer becomes sparse only if it pays: by default each candidate is timed, dense against
+sparse, once on a representative input (calibration), and keeps the dense kernel unless
+the sparse one is clearly faster. Without calibration a sparsity threshold decides.
+
+Units are decided, not single linears, where fusing pays: attention's query/key/value run
+as one shared-input product, and a feed-forward block with exact GELU runs fused. A unit
+that does not pay as a whole falls back to deciding its linears one by one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sparsebert.errors import SparseBertError, check_sparsity
+from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
+from sparsebert.runtime.sparse_linear import SparseLinear
+
+DEFAULT_MIN_SPARSITY = 0.6
+"""Without calibration: sparse from this sparsity on. On 2 AVX2 cores the sparse kernel
+breaks even with MKL/oneDNN dense around 50-55% sparsity for BERT-base/MiniLM shapes."""
+
+CANDIDATE_FLOOR = 0.3
+"""With calibration: below this sparsity a layer is not even timed (the sparse kernel
+does about half the flops per second of a dense GEMM, so it cannot win there)."""
+
+SHARED_INPUT_NAMES = (
+    ("query", "key", "value"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("q_proj", "k_proj", "v_proj"),
+)
+"""Sibling linears that attention implementations call on the same hidden states."""
+
+FFN_PATTERNS = (
+    ("intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),  # BERT family
+    ("ffn.lin1", "ffn.activation", "ffn.lin2"),  # DistilBERT
+)
+"""(first linear, activation, second linear) paths of a feed-forward block, per family."""
+
+
+@dataclass
+class Decision:
+    """What happened to one unit (a linear, a shared-input group or a feed-forward block)."""
+
+    name: str
+    kind: str
+    sparsity: float
+    sparse: bool
+    reason: str
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+
+
+@dataclass
+class SparsifyReport:
+    """Decisions of `sparsify_for_inference`, in model order."""
+
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def n_sparse(self) -> int:
+        return sum(d.sparse for d in self.decisions)
+
+    def summary(self) -> str:
+        """One line per unit: name, sparsity, choice and why."""
+        lines = []
+        for d in self.decisions:
+            times = ""
+            if d.dense_ms is not None and d.sparse_ms is not None:
+                times = f" (dense {d.dense_ms:.2f} ms, sparse {d.sparse_ms:.2f} ms)"
+            choice = "sparse" if d.sparse else "dense"
+            lines.append(f"{d.name} [{d.kind}] {d.sparsity:.1%}: {choice}, {d.reason}{times}")
+        return "\n".join(lines)
+
+
+def sparsity_of(linear: nn.Linear) -> float:
+    """Fraction of exact zeros in a linear's weight."""
+    w = linear.weight
+    return float((w == 0).sum()) / max(1, w.numel())
+
+
+def _join(parent: str, path: str) -> str:
+    return f"{parent}.{path}" if parent else path
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = _get(root, parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def is_exact_gelu(act: nn.Module | Callable) -> bool:
+    """True when ``act`` computes the erf GELU the kernel fuses (checked on a probe)."""
+    probe = torch.linspace(-6.0, 6.0, 97)
+    try:
+        with torch.no_grad():
+            return torch.equal(act(probe), torch.nn.functional.gelu(probe))
+    except Exception:  # anything that is not a tensor function is "no"
+        return False
+
+
+def _time_pair(dense: Callable, sparse: Callable, x: torch.Tensor, repeats: int) -> tuple:
+    """Median milliseconds of two callables on ``x``, interleaved (alternating which goes
+    first) so that background noise hits both alike."""
+    times: dict[Callable, list[float]] = {dense: [], sparse: []}
+    with torch.inference_mode():
+        dense(x), sparse(x)  # warm-up: caches, allocator, JIT compilation
+        for r in range(repeats):
+            for fn in (dense, sparse) if r % 2 == 0 else (sparse, dense):
+                start = time.perf_counter()
+                fn(x)
+                times[fn].append(time.perf_counter() - start)
+    return statistics.median(times[dense]) * 1e3, statistics.median(times[sparse]) * 1e3
+
+
+@dataclass
+class _Policy:
+    threshold: float
+    calibrate: bool
+    tokens: int
+    repeats: int
+    margin: float
+
+    def decide(
+        self, name: str, kind: str, sparsity: float, n_in: int, dense: Callable, build: Callable
+    ) -> tuple[Decision, nn.Module | None]:
+        """Decide one unit; return the decision and the built sparse module if chosen."""
+        if sparsity < self.threshold:
+            reason = f"below the {self.threshold:.0%} threshold"
+            return Decision(name, kind, sparsity, False, reason), None
+        module = build()
+        if not self.calibrate:
+            return Decision(name, kind, sparsity, True, "above threshold, not timed"), module
+        x = torch.randn(self.tokens, n_in)
+        dense_ms, sparse_ms = _time_pair(dense, module, x, self.repeats)
+        faster = sparse_ms <= dense_ms * (1.0 - self.margin)
+        reason = "timed faster" if faster else "timed not faster"
+        decision = Decision(name, kind, sparsity, faster, reason, dense_ms, sparse_ms)
+        return decision, (module if faster else None)
+
+
+def _linear_fn(linear: nn.Linear, act: Callable | None = None) -> Callable:
+    if act is None:
+        return linear
+    return lambda x: act(linear(x))
+
+
+def _decide_linear(
+    model: nn.Module, path: str, policy: _Policy, report: SparsifyReport, act_path: str = ""
+) -> None:
+    linear = _get(model, path)
+    act = _get(model, act_path) if act_path else None
+    fuse_gelu = act is not None and is_exact_gelu(act)
+    decision, module = policy.decide(
+        path,
+        "linear+gelu" if fuse_gelu else "linear",
+        sparsity_of(linear),
+        linear.in_features,
+        _linear_fn(linear, act if fuse_gelu else None),
+        lambda: SparseLinear.from_linear(linear, activation="gelu" if fuse_gelu else None),
+    )
+    report.decisions.append(decision)
+    if module is not None:
+        _set(model, path, module)
+        if fuse_gelu:
+            _set(model, act_path, nn.Identity())
+
+
+def _decide_shared(
+    model: nn.Module, parent: str, names: tuple, policy: _Policy, report: SparsifyReport
+) -> None:
+    paths = [_join(parent, n) for n in names]
+    linears = [_get(model, p) for p in paths]
+    total = sum(lin.weight.numel() for lin in linears)
+    zeros = sum(float((lin.weight == 0).sum()) for lin in linears)
+    worst = min(sparsity_of(lin) for lin in linears)
+    if worst >= policy.threshold:
+        group_box: list[SharedInputGroup] = []
+
+        def build() -> nn.Module:
+            group_box.append(SharedInputGroup(linears))
+            return group_box[-1].linear
+
+        def dense(x: torch.Tensor) -> None:
+            for lin in linears:
+                lin(x)
+
+        name = _join(parent, f"{{{','.join(names)}}}")
+        decision, module = policy.decide(
+            name, "shared-input", zeros / total, linears[0].in_features, dense, build
+        )
+        if module is not None:
+            report.decisions.append(decision)
+            for member, path in enumerate(paths):
+                _set(model, path, GroupSlice(group_box[-1], member))
+            return
+    for path in paths:
+        _decide_linear(model, path, policy, report)
+
+
+def _decide_ffn(
+    model: nn.Module, parent: str, pattern: tuple, policy: _Policy, report: SparsifyReport
+) -> None:
+    first_path, act_path, second_path = (_join(parent, p) for p in pattern)
+    first, second = _get(model, first_path), _get(model, second_path)
+    act = _get(model, act_path)
+    if min(sparsity_of(first), sparsity_of(second)) >= policy.threshold:
+        total = first.weight.numel() + second.weight.numel()
+        zeros = float((first.weight == 0).sum() + (second.weight == 0).sum())
+        decision, module = policy.decide(
+            _join(parent, "ffn"),
+            "ffn",
+            zeros / total,
+            first.in_features,
+            lambda x: second(act(first(x))),
+            lambda: SparseFFN(first, second),
+        )
+        if module is not None:
+            report.decisions.append(decision)
+            _set(model, first_path, module)
+            _set(model, act_path, nn.Identity())
+            _set(model, second_path, nn.Identity())
+            return
+    _decide_linear(model, first_path, policy, report, act_path=act_path)
+    _decide_linear(model, second_path, policy, report)
+
+
+def _check_model(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            raise SparseBertError(
+                f"the sparse CPU runtime needs a float32 model on the CPU, but {name} is "
+                f"{p.dtype} on {p.device}: call model.float().cpu() first"
+            )
+
+
+def sparsify_for_inference(
+    model: nn.Module,
+    min_sparsity: float | None = None,
+    calibrate: bool = True,
+    sample_tokens: int = 16 * 128,
+    repeats: int = 5,
+    margin: float = 0.05,
+) -> SparsifyReport:
+    """Replace the linears of ``model`` (in place) by sparse kernels where that is faster.
+
+    min_sparsity: linears (or units) sparser than this are candidates; default
+        `CANDIDATE_FLOOR` with calibration, `DEFAULT_MIN_SPARSITY` without.
+    calibrate: time dense vs sparse once per candidate on ``sample_tokens`` random tokens
+        (default batch 16 x seq 128) and keep the sparse kernel only if it is at least
+        ``margin`` faster, so no layer becomes slower.
+    The model is put in eval mode; the result is for inference under `torch.no_grad()` /
+    `torch.inference_mode()` only, with torch's thread count (`torch.set_num_threads`).
+    Returns a `SparsifyReport` with one decision per unit.
+    """
+    _check_model(model)
+    if min_sparsity is not None:
+        threshold = check_sparsity(min_sparsity, "min_sparsity")
+    else:
+        threshold = CANDIDATE_FLOOR if calibrate else DEFAULT_MIN_SPARSITY
+    if sample_tokens < 1 or repeats < 1:
+        raise SparseBertError("sample_tokens and repeats must be positive integers")
+    policy = _Policy(threshold, calibrate, int(sample_tokens), int(repeats), float(margin))
+    model.eval()
+    report = SparsifyReport()
+    done: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if any(name == d or name.startswith(d + ".") for d in done):
+            continue
+        for names in SHARED_INPUT_NAMES:
+            if all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+                _decide_shared(model, name, names, policy, report)
+                done.update(_join(name, n) for n in names)
+        for pattern in FFN_PATTERNS:
+            parts = [_get(module, p) for p in pattern]
+            linears = isinstance(parts[0], nn.Linear) and isinstance(parts[2], nn.Linear)
+            if linears and parts[1] is not None:
+                _decide_ffn(model, name, pattern, policy, report)
+                done.update(_join(name, p) for p in (pattern[0], pattern[2]))
+        if isinstance(module, nn.Linear) and name not in done:
+            _decide_linear(model, name, policy, report)
+            done.add(name)
+    return report

@@ -1,0 +1,235 @@
+"""Sparse CPU runtime: kernel exactness, fused modules, the model swap, the benchmark."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numba
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from sparsebert.allocation import masks_from_scores
+from sparsebert.errors import SparseBertError
+from sparsebert.runtime import (
+    GroupSlice,
+    SharedInputGroup,
+    SparseFFN,
+    SparseLinear,
+    sparsify_for_inference,
+)
+from sparsebert.runtime.bench import benchmark_model, markdown_table, write_json, write_markdown
+from sparsebert.runtime.sparse_format import to_dense, to_grouped
+from sparsebert.targets import select_targets
+
+RTOL = 1e-4
+
+
+def sparse_weight(out_f: int, in_f: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    return w.masked_fill(torch.rand(out_f, in_f, generator=gen) < sparsity, 0.0)
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Relative to the output's scale: 1e-4, the runtime's promise."""
+    scale = ref.abs().max().clamp_min(1e-6)
+    err = float((got - ref).abs().max() / scale)
+    assert err <= RTOL, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "tokens"),
+    [(37, 53, 1), (64, 48, 16), (130, 257, 33), (5, 3, 7), (96, 700, 40)],
+)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+def test_sparse_linear_matches_dense(out_f, in_f, tokens, sparsity):
+    w = sparse_weight(out_f, in_f, sparsity, seed=out_f + tokens)
+    b = torch.randn(out_f)
+    x = torch.randn(tokens, in_f)
+    with torch.no_grad():
+        got = SparseLinear(w, b)(x)
+    assert got.shape == (tokens, out_f)
+    assert_close(got, x @ w.T + b)
+
+
+def test_empty_and_dense_rows_no_bias_3d_input():
+    w = sparse_weight(50, 40, 0.9, seed=3)
+    w[0] = 0.0  # empty row
+    w[7] = torch.randn(40)  # fully dense row
+    w[:, 5] = 0.0  # empty column
+    x = torch.randn(3, 9, 40)
+    with torch.no_grad():
+        got = SparseLinear(w)(x)
+    assert got.shape == (3, 9, 50)
+    assert_close(got, x @ w.T)
+    assert torch.all(got[..., 0] == 0)
+
+
+def test_batch_one_and_non_contiguous_input():
+    w = sparse_weight(24, 32, 0.8)
+    x = torch.randn(32, 5).T  # (5, 32), not contiguous
+    with torch.no_grad():
+        assert_close(SparseLinear(w)(x[None]), (x @ w.T)[None])
+
+
+@pytest.mark.parametrize("panel", [4, 17, 64])
+def test_input_panels(panel):
+    w = sparse_weight(40, 100, 0.7, seed=panel)
+    b = torch.randn(40)
+    x = torch.randn(21, 100)
+    with torch.no_grad():
+        assert_close(SparseLinear(w, b, panel=panel)(x), x @ w.T + b)
+
+
+def test_fused_gelu():
+    w = sparse_weight(64, 32, 0.85)
+    b = torch.randn(64)
+    x = torch.randn(20, 32) * 3
+    with torch.no_grad():
+        got = SparseLinear(w, b, activation="gelu")(x)
+    assert_close(got, torch.nn.functional.gelu(x @ w.T + b))
+
+
+def test_grouped_format_round_trip():
+    w = sparse_weight(33, 70, 0.9).numpy()
+    for panel in (None, 16):
+        sparse = to_grouped(w, panel=panel)
+        np.testing.assert_array_equal(to_dense(sparse), w)
+        assert sparse.nnz == np.count_nonzero(w)
+
+
+def test_to_linear_round_trip():
+    lin = nn.Linear(30, 20)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand_like(lin.weight) > 0.8)
+    back = SparseLinear.from_linear(lin).to_linear()
+    assert torch.equal(back.weight, lin.weight) and torch.equal(back.bias, lin.bias)
+
+
+@pytest.mark.parametrize("tokens", [3, 200])  # separate products / fused per tile
+def test_sparse_ffn(tokens):
+    first, second = nn.Linear(32, 128), nn.Linear(128, 32)
+    with torch.no_grad():
+        for lin in (first, second):
+            lin.weight.mul_(torch.rand_like(lin.weight) > 0.9)
+    x = torch.randn(tokens, 32)
+    with torch.no_grad():
+        ref = second(torch.nn.functional.gelu(first(x)))
+        assert_close(SparseFFN(first, second)(x), ref)
+
+
+def test_shared_input_group_slices():
+    lins = [nn.Linear(16, n) for n in (16, 16, 8)]
+    group = SharedInputGroup(lins)
+    slots = [GroupSlice(group, i) for i in range(3)]
+    x, y = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        outs = [s(x) for s in slots]
+        mixed = [slots[0](x), slots[1](y), slots[2](x)]  # any call pattern is correct
+        for out, lin in zip(outs, lins, strict=True):
+            assert_close(out, lin(x))
+        assert_close(mixed[1], lins[1](y))
+        assert_close(mixed[2], lins[2](x))
+
+
+def test_inference_only():
+    lin = SparseLinear(sparse_weight(8, 8, 0.5))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lin(torch.randn(2, 8, requires_grad=True))
+
+
+def test_threads_follow_torch():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            SparseLinear(sparse_weight(8, 8, 0.5))(torch.randn(40, 8))
+        assert numba.get_num_threads() == 1
+        assert torch.get_num_threads() == 1  # starting numba's pool must not change torch's
+    finally:
+        torch.set_num_threads(before)
+
+
+def tiny_bert(sparsity: float, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config).eval()
+    targets = select_targets(model, "encoder-linears")
+    masks = masks_from_scores({n: p.detach().abs() for n, p in targets.items()}, sparsity)
+    with torch.no_grad():
+        for name, p in targets.items():
+            p.masked_fill_(~masks[name], 0.0)
+    return model
+
+
+def random_batch(batch: int = 2, seq: int = 24, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq // 2 :] = 0
+    return {"input_ids": torch.randint(0, 100, (batch, seq), generator=gen), "attention_mask": mask}
+
+
+def test_sparsified_tiny_bert_gives_same_logits():
+    model = tiny_bert(0.9)
+    sparse = copy.deepcopy(model)
+    report = sparsify_for_inference(sparse, min_sparsity=0.5, calibrate=False)
+    kinds = {d.kind for d in report.decisions if d.sparse}
+    assert kinds == {"shared-input", "linear", "ffn"}
+    assert isinstance(sparse.bert.encoder.layer[0].intermediate.dense, SparseFFN)
+    assert isinstance(sparse.bert.encoder.layer[0].attention.self.query, GroupSlice)
+    assert isinstance(sparse.bert.pooler.dense, nn.Linear)  # dense stays dense
+    clone = copy.deepcopy(sparse)  # shared-input groups survive copying
+    for batch in (random_batch(), random_batch(batch=1, seq=64, seed=2)):
+        with torch.inference_mode():
+            assert_close(sparse(**batch).logits, model(**batch).logits)
+            assert_close(clone(**batch).logits, model(**batch).logits)
+
+
+def test_calibration_keeps_dense_layers_dense():
+    model = tiny_bert(0.9)
+    with torch.no_grad():  # make layer 1's feed-forward dense again
+        layer = model.bert.encoder.layer[1]
+        for lin in (layer.intermediate.dense, layer.output.dense):
+            lin.weight.copy_(torch.randn_like(lin.weight) * 0.02)
+    sparse = copy.deepcopy(model)
+    report = sparsify_for_inference(sparse, sample_tokens=64, repeats=2)
+    assert "timed" in report.summary()
+    assert isinstance(sparse.bert.encoder.layer[1].output.dense, nn.Linear)
+    batch = random_batch()
+    with torch.inference_mode():
+        assert_close(sparse(**batch).logits, model(**batch).logits)
+
+
+def test_sparsify_rejects_bad_input():
+    with pytest.raises(SparseBertError, match="min_sparsity"):
+        sparsify_for_inference(tiny_bert(0.5), min_sparsity=1.5)
+    with pytest.raises(SparseBertError, match="float32 model on the CPU"):
+        sparsify_for_inference(tiny_bert(0.5).half())
+
+
+def test_benchmark_model_and_writers(tmp_path):
+    model = tiny_bert(0.9)
+    result = benchmark_model(
+        model, batches=(1,), seqs=(16,), threads=1, repeats=2, warmup=1,
+        runtimes=("torch", "sparse", "onnxruntime"),
+    )  # fmt: skip
+    rows = result["rows"]
+    assert {r["runtime"] for r in rows} == {"torch", "sparse", "onnxruntime"}
+    best = min(r["median_ms"] for r in rows if r["dense"])
+    for r in rows:
+        assert r["median_ms"] > 0 and r["throughput"] > 0
+        assert r["speedup_vs_best_dense"] == pytest.approx(best / r["median_ms"])
+    assert 0.85 < result["encoder_sparsity"] < 0.95
+    data = json.loads(write_json(result, tmp_path / "r.json").read_text())
+    assert data["rows"] == rows
+    text = write_markdown(result, tmp_path / "r.md").read_text()
+    assert markdown_table(rows).splitlines()[0] in text
+    with pytest.raises(SparseBertError, match="unknown runtime"):
+        benchmark_model(model, runtimes=("tensorrt",))
