@@ -96,3 +96,9 @@ def test_unknown_target_pattern(tiny_model_dir):
 
 def test_get_task_aliases():
     assert get_task("SST-2").name == "sst2" and get_task("STS-B").is_regression
+
+
+def test_evaluate_refuses_a_model_without_a_trained_head(capsys, sst2_dir):
+    # the embedded MiniLM has no classifier: evaluating it would report a random head's accuracy
+    err = _cli_error(capsys, ["evaluate", "embedded:all-MiniLM-L6-v2", "--task", "sst2", "--data-dir", sst2_dir])
+    assert "no trained sequence-classification head" in err and "sparsebert finetune" in err

@@ -273,7 +273,7 @@ def evaluate_saved(
     if prompt:  # an SMP model that classifies with its MLM head: evaluate it the same way
         model = load_prompt_classifier(path, tokenizer, task)
     else:
-        model = load_classifier(path, task.num_labels, task.is_regression)
+        model = load_classifier(path, task.num_labels, task.is_regression, require_head=True)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
