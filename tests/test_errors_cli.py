@@ -100,5 +100,6 @@ def test_get_task_aliases():
 
 def test_evaluate_refuses_a_model_without_a_trained_head(capsys, sst2_dir):
     # the embedded MiniLM has no classifier: evaluating it would report a random head's accuracy
-    err = _cli_error(capsys, ["evaluate", "embedded:all-MiniLM-L6-v2", "--task", "sst2", "--data-dir", sst2_dir])
+    argv = ["evaluate", "embedded:all-MiniLM-L6-v2", "--task", "sst2", "--data-dir", sst2_dir]
+    err = _cli_error(capsys, argv)
     assert "no trained sequence-classification head" in err and "sparsebert finetune" in err
