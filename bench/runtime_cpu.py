@@ -68,18 +68,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=ROOT / "results")
     p.add_argument("--append", action="store_true",
                    help="keep rows of other sparsities already in the JSON file")  # fmt: skip
+    p.add_argument("--render-only", action="store_true",
+                   help="only rewrite the markdown from the existing JSON file")  # fmt: skip
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    out_json = args.out_dir / "runtime_cpu.json"
+    if args.render_only:
+        data = json.loads(out_json.read_text())
+        (args.out_dir / "runtime_cpu.md").write_text(render_markdown(data))
+        return
     hf_logging.set_verbosity_error()
     base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).eval()
-    out_json = args.out_dir / "runtime_cpu.json"
     previous = json.loads(out_json.read_text()) if args.append and out_json.exists() else {}
     rows = [r for r in previous.get("rows", []) if r["sparsity"] not in args.sparsities]
     plans = {k: v for k, v in previous.get("sparse_plans", {}).items()
              if float(k) not in args.sparsities}  # fmt: skip
+    shares = {k: v for k, v in previous.get("sparse_time_share", {}).items()
+              if float(k) not in args.sparsities}  # fmt: skip
     result: dict = {}
     for sparsity in args.sparsities:
         model = pruned(base, sparsity, args.allocation)
@@ -97,13 +105,14 @@ def main() -> None:
         for r in result["rows"]:
             rows.append({"sparsity": sparsity, **r})
         plans[str(sparsity)] = result["sparse_plans"]
+        shares[str(sparsity)] = result["sparse_time_share"]
         print(markdown_table([r for r in rows if r["sparsity"] == sparsity], extra=["sparsity"]))
         print(f"[{sparsity:.0%}] done in {time.time() - start:.0f} s", flush=True)
     checkpoint = previous.get("checkpoint")
     if checkpoint is None or CHECKPOINT_SPARSITY in args.sparsities:
         sizes = size_report(pruned(base, CHECKPOINT_SPARSITY, args.allocation), value_dtype="fp32")
         checkpoint = {"sparsity": CHECKPOINT_SPARSITY, "value_dtype": "fp32", **sizes}
-    rows.sort(key=lambda r: (r["sparsity"], r["batch"], r["seq"], r["runtime"]))
+    rows.sort(key=lambda r: (r["sparsity"], r["batch"], r["seq"], r["runtime"]))  # stable JSON
     data = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (embedded), encoder linears pruned",
         "allocation": args.allocation,
@@ -112,6 +121,7 @@ def main() -> None:
         "machine": result.get("machine", previous.get("machine")),
         "settings": result.get("settings", previous.get("settings")),
         "sparse_plans": plans,
+        "sparse_time_share": shares,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(data, indent=2) + "\n")
@@ -119,9 +129,49 @@ def main() -> None:
     print(f"wrote {out_json} and {args.out_dir / 'runtime_cpu.md'}")
 
 
+TARGETS = {0.5: 1.0, 0.8: 1.5, 0.9: 3.0}
+"""The issue's goals at batch 16 x seq 128: sparse runtime vs the best dense runtime."""
+
+
+def _summary(data: dict) -> list[str]:
+    """One line per sparsity: sparse vs best dense and vs PyTorch, per batch, and the goal."""
+    by_key = {(r["sparsity"], r["batch"], r["runtime"]): r for r in data["rows"]}
+    batches = sorted({r["batch"] for r in data["rows"]})
+    head = ["sparsity"] + [f"batch {b}: vs best dense / vs PyTorch" for b in batches]
+    head += ["goal (batch 16)", "sparse kernels / rest of the model (batch 16)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sp in sorted({r["sparsity"] for r in data["rows"]}):
+        cells = [f"{sp:.0%}"]
+        for b in batches:
+            sparse, torch_row = by_key.get((sp, b, "sparse")), by_key.get((sp, b, "torch"))
+            if sparse is None:
+                cells.append("-")
+                continue
+            vs_torch = torch_row["median_ms"] / sparse["median_ms"] if torch_row else None
+            cells.append(f"{sparse['speedup_vs_best_dense']:.2f}x / "
+                         + ("-" if vs_torch is None else f"{vs_torch:.2f}x"))  # fmt: skip
+        goal = TARGETS.get(sp)
+        got = by_key.get((sp, 16, "sparse"))
+        if goal is None or got is None:
+            cells.append("-")
+        else:
+            met = "met" if got["speedup_vs_best_dense"] >= goal else "not met"
+            cells.append(f">= {goal:g}x: {met}")
+        share = data.get("sparse_time_share", {}).get(str(sp), {}).get("16x128")
+        cells.append(
+            "-" if not share else f"{share['sparse_kernels_ms']:.0f} / {share['rest_ms']:.0f} ms"
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(data: dict) -> str:
     machine, settings, ck = data["machine"], data["settings"], data["checkpoint"]
     mb = 1024 * 1024
+    order = {"torch": 0, "onnxruntime": 1, "sparse": 2}
+    rows = sorted(
+        data["rows"], key=lambda r: (r["sparsity"], r["batch"], order.get(r["runtime"], 3))
+    )
     lines = [
         "# Sparse CPU runtime: MiniLM-L6, batch x seq 128",
         "",
@@ -129,7 +179,9 @@ def render_markdown(data: dict) -> str:
         f"({', '.join(machine['simd'])}); torch {machine['torch']}, onnxruntime "
         f"{machine['onnxruntime']}, numba {machine['numba']}. {settings['threads']} threads for "
         f"every runtime; median of {settings['repeats']} interleaved repeats after "
-        f"{settings['warmup']} warm-up runs. ONNX Runtime graph: "
+        f"{settings['warmup']} warm-up runs; each timed run follows an idle "
+        f"{settings.get('settle_s', 0)} s and an untimed run of the same runtime (steady "
+        "state). ONNX Runtime graph: "
         f"{settings.get('onnxruntime_graph')}.",
         "",
         "Encoder linears (Q, K, V, attention output, both FFN matrices) magnitude-pruned with "
@@ -137,23 +189,42 @@ def render_markdown(data: dict) -> str:
         "the head stay dense. `vs best dense` = the faster of PyTorch and ONNX Runtime at the "
         "same shape in the same run, divided by this runtime's median.",
         "",
-        markdown_table(data["rows"], extra=["sparsity"]),
+        "## Summary",
         "",
-        f"Checkpoint at {ck['sparsity']:.0%} ({ck['value_dtype']} values): whole safetensors file "
+        *_summary(data),
+        "",
+        "## All runs",
+        "",
+        markdown_table(rows, extra=["sparsity"]),
+        "",
+        "## Checkpoint size",
+        "",
+        f"At {ck['sparsity']:.0%} ({ck['value_dtype']} values): whole safetensors file "
         f"{ck['dense_bytes'] / mb:.1f} MiB dense -> "
         f"{ck['compressed_bytes'] / mb:.1f} MiB compressed "
         f"(the dense word embeddings dominate); the {ck['n_compressed']} pruned matrices alone "
         f"{ck['pruned_dense_bytes'] / mb:.1f} MiB -> {ck['pruned_compressed_bytes'] / mb:.2f} MiB "
         f"({ck['pruned_dense_bytes'] / ck['pruned_compressed_bytes']:.1f}x smaller).",
         "",
-        "How the sparse runtime gets there: each pruned matrix is stored as sorted, 4-row "
-        "interleaved groups of (uint16 index, fp32 value) entries; a numba kernel multiplies it "
-        "by 16-token tiles of the activations held transposed in L1 (two AVX2 registers per "
-        "row, 8 independent FMA chains), with Q/K/V run as one matrix and each feed-forward "
-        "block (FFN1 -> exact GELU -> FFN2) fused per token tile. Each unit is timed dense vs "
-        "sparse on the benchmark shape before it is swapped in, so no layer gets slower. "
-        "Attention, layer norms and embeddings cost the same as in the dense model, which caps "
-        "the end-to-end gain below the linear-layer FLOP ratio.",
+        "## How, and why the goals are (not) met",
+        "",
+        "Each pruned matrix is stored as sorted, 4-row interleaved groups of (uint16 index, "
+        "fp32 value) entries; a numba kernel multiplies it by 16-token tiles of the "
+        "activations held transposed in L1 (two AVX2 registers per row, 8 independent FMA "
+        "chains), with Q/K/V run as one matrix and each feed-forward block (FFN1 -> exact "
+        "GELU -> FFN2) fused per token tile. Each unit (Q/K/V group, attention output, FFN "
+        "block, or single linear) is timed dense vs sparse on the benchmark shape before it "
+        "is swapped in, and stays dense unless the sparse kernel is at least 5% faster.",
+        "",
+        "The kernel reaches roughly a third of the dense GEMM's flop rate per core (index "
+        "and value loads, the transposes in and out, per-row-group overhead), so a matrix "
+        "has to be ~65% sparse to break even. At 50% global sparsity most matrices are below "
+        "that (Q/K and FFN1 end up 30-45% sparse), nearly everything stays dense, and the "
+        "sparse runtime runs at PyTorch eager speed, which is slower than ONNX Runtime's fused "
+        "graph. At 90% the sparse kernels take well under half of the time; the rest "
+        "(attention through torch sdpa, layer norms, embeddings, reshapes: the last column "
+        "of the summary) is the same work as in the dense model, so it caps the end-to-end "
+        "gain far below the ~6.9x flop limit of the linear layers.",
         "",
     ]
     return "\n".join(lines)

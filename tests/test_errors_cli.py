@@ -75,6 +75,8 @@ def test_recipe_unknown_key(tmp_path):
 def test_recipe_overrides_apply():
     r = load_recipe("gmp", ["schedule.end=0.8", "sparsity=0.95", "targets=[encoder-linears, embeddings]"])
     assert r.schedule.end == 0.8 and r.sparsity == 0.95 and r.targets == ["encoder-linears", "embeddings"]
+    # YAML 1.1 reads 1e-4 (no dot) as a string: numbers in that form must still work
+    assert load_recipe("movement", ["masks.score_lr=1e-4"]).masks.score_lr == 1e-4
     smc = load_recipe("gmp-smc")
     assert smc.targets == ["all-2d"] and not smc.lr.rewarm and not smc.distillation.enabled
 

@@ -15,6 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from sparsebert.allocation import masks_from_scores
 from sparsebert.errors import SparseBertError
 from sparsebert.runtime import (
+    FastGELU,
     GroupSlice,
     SharedInputGroup,
     SparseFFN,
@@ -92,6 +93,14 @@ def test_fused_gelu():
     with torch.no_grad():
         got = SparseLinear(w, b, activation="gelu")(x)
     assert_close(got, torch.nn.functional.gelu(x @ w.T + b))
+
+
+def test_fast_gelu_matches_torch():
+    x = torch.cat([torch.linspace(-12, 12, 2000), torch.randn(3000) * 4]).reshape(5, 1000)
+    with torch.no_grad():
+        got = FastGELU()(x)
+    assert got.shape == x.shape
+    assert float((got - torch.nn.functional.gelu(x)).abs().max()) < 1e-5
 
 
 def test_grouped_format_round_trip():
@@ -190,6 +199,18 @@ def test_sparsified_tiny_bert_gives_same_logits():
         with torch.inference_mode():
             assert_close(sparse(**batch).logits, model(**batch).logits)
             assert_close(clone(**batch).logits, model(**batch).logits)
+
+
+def test_dense_ffn_gets_fast_gelu():
+    model = tiny_bert(0.5)
+    fast = copy.deepcopy(model)
+    report = sparsify_for_inference(fast, min_sparsity=0.99, calibrate=False)
+    assert not any(d.sparse for d in report.decisions if d.kind != "gelu")
+    assert isinstance(fast.bert.encoder.layer[0].intermediate.intermediate_act_fn, FastGELU)
+    assert isinstance(fast.bert.encoder.layer[0].intermediate.dense, nn.Linear)
+    batch = random_batch()
+    with torch.inference_mode():
+        assert_close(fast(**batch).logits, model(**batch).logits)
 
 
 def test_calibration_keeps_dense_layers_dense():

@@ -139,6 +139,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return value
         raise SparseBertError(f"{where} must be true or false, got {value!r}")
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SparseBertError(f"{where} must be a number, got {value!r}")
         return float(value)

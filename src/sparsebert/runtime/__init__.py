@@ -6,12 +6,14 @@ than the dense kernels; `benchmark_model` (in `sparsebert.runtime.bench`) measur
 result against PyTorch and ONNX Runtime.
 """
 
+from sparsebert.runtime.activation import FastGELU
 from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
 from sparsebert.runtime.sparse_linear import SparseLinear
 from sparsebert.runtime.sparsify import Decision, SparsifyReport, sparsify_for_inference
 
 __all__ = [
     "Decision",
+    "FastGELU",
     "GroupSlice",
     "SharedInputGroup",
     "SparseFFN",

@@ -167,9 +167,11 @@ def benchmark_model(
         calibrated per shape), ``onnxruntime`` (dense ONNX), ``deepsparse`` (if
         installed); default `default_runtimes`.
     settle_s: idle time before each timed run, so no runtime's spinning threads linger.
-    Returns ``{"rows": [...], "machine": ..., "settings": ..., "sparse_plans": ...}``;
+    Returns ``{"rows": [...], "machine", "settings", "sparse_plans", "sparse_time_share"}``;
     each row has batch, seq, runtime, median_ms, throughput (sequences/s), dense (bool)
-    and speedup_vs_best_dense (best dense median of that shape / this median).
+    and speedup_vs_best_dense (best dense median of that shape / this median). The plans
+    list the per-unit decisions of `sparsify_for_inference`; `sparse_time_share` splits
+    the sparse model's time into sparse kernels and the rest.
     """
     from sparsebert.runtime.sparsify import sparsify_for_inference
 
@@ -189,6 +191,7 @@ def benchmark_model(
     torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []
     plans: dict[str, list] = {}
+    shares: dict[str, dict] = {}
     settings: dict[str, Any] = {"threads": threads, "repeats": repeats, "warmup": warmup,
                                 "settle_s": settle_s, "runtimes": list(runtimes)}  # fmt: skip
     try:
@@ -218,6 +221,8 @@ def benchmark_model(
                         runners["deepsparse"] = _deepsparse_runner(path, feeds, threads)
                     say(f"timing batch {batch} x seq {seq}: {', '.join(runners)}")
                     rows.extend(_time_shape(runners, batch, seq, repeats, warmup, settle_s))
+                    if "sparse" in runtimes:
+                        shares[f"{batch}x{seq}"] = sparse_time_share(sparse_model, feeds)
     finally:
         torch.set_num_threads(old_threads)
     _add_ratios(rows)
@@ -228,7 +233,47 @@ def benchmark_model(
         "settings": settings,
         "rows": rows,
         "sparse_plans": plans,
+        "sparse_time_share": shares,
     }
+
+
+SPARSE_MODULES = ("SparseLinear", "GroupSlice", "SparseFFN")
+
+
+def sparse_time_share(model: nn.Module, feeds: Mapping[str, torch.Tensor], runs: int = 5) -> dict:
+    """Where a sparsified model's time goes: its sparse kernels vs everything else.
+
+    Forward hooks time the sparse modules (`SPARSE_MODULES`) during ``runs`` forward passes
+    in a row (steady state); the rest (attention, layer norms, embeddings, dense layers) is
+    what sparsity cannot speed up. Returns milliseconds per forward pass.
+    """
+    spent, starts = [0.0], {}
+
+    def before(module: nn.Module, _inputs: Any) -> None:
+        starts[id(module)] = time.perf_counter()
+
+    def after(module: nn.Module, _inputs: Any, _output: Any) -> None:
+        spent[0] += time.perf_counter() - starts.pop(id(module))
+
+    handles = []
+    for module in model.modules():
+        if type(module).__name__ in SPARSE_MODULES:
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
+    try:
+        with torch.inference_mode():
+            model(**feeds)
+            spent[0] = 0.0
+            start = time.perf_counter()
+            for _ in range(runs):
+                model(**feeds)
+            total = (time.perf_counter() - start) / runs
+    finally:
+        for h in handles:
+            h.remove()
+    kernels = spent[0] / runs
+    return {"total_ms": total * 1e3, "sparse_kernels_ms": kernels * 1e3,
+            "rest_ms": (total - kernels) * 1e3}  # fmt: skip
 
 
 def _describe(source: Any, model: nn.Module) -> str:
@@ -247,9 +292,12 @@ def _time_shape(
 ) -> list[dict[str, Any]]:
     """Interleaved timing: each repeat runs every runtime once, in rotating order.
 
-    Before each timed run the process idles ``settle_s`` seconds: thread pools (OpenMP,
-    ONNX Runtime) spin-wait after their work, and a pool still spinning would steal the
-    cores from the next runtime (measured here: PyTorch 2x slower right after ORT).
+    Each timed run is preceded by an idle ``settle_s`` seconds and one untimed run of the
+    same runtime: thread pools (OpenMP, ONNX Runtime) spin-wait after their work and
+    would steal the cores from the next runtime (measured: PyTorch 2x slower right after
+    ORT), and the other runtimes' runs evict caches and churn the allocator (the sparse
+    model ran 40% slower cold than in steady state). So every runtime is timed in its
+    steady state, while background noise still hits all of them alike.
     """
     names = list(runners)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -261,6 +309,7 @@ def _time_shape(
             order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 time.sleep(settle_s)
+                runners[n]()
                 start = time.perf_counter()
                 runners[n]()
                 times[n].append(time.perf_counter() - start)

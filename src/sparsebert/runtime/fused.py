@@ -129,6 +129,12 @@ class SparseFFN(nn.Module):
         self.hidden_features = first.out_features
         self.out_features = second.out_features
 
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features} -> {self.hidden_features} (gelu) -> {self.out_features}, "
+            f"density {self.first.density:.3f} / {self.second.density:.3f}"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_inference(x, "SparseFFN")
         x2 = as_matrix(x, self.in_features, "SparseFFN")

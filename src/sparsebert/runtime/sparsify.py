@@ -6,7 +6,8 @@ the sparse one is clearly faster. Without calibration a sparsity threshold decid
 
 Units are decided, not single linears, where fusing pays: attention's query/key/value run
 as one shared-input product, and a feed-forward block with exact GELU runs fused. A unit
-that does not pay as a whole falls back to deciding its linears one by one.
+that does not pay as a whole falls back to deciding its linears one by one; a GELU after
+a matrix that stays dense may still become the vectorised `FastGELU`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparseBertError, check_sparsity
+from sparsebert.runtime.activation import FastGELU
 from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
 from sparsebert.runtime.sparse_linear import SparseLinear
 
@@ -47,7 +49,9 @@ FFN_PATTERNS = (
 
 @dataclass
 class Decision:
-    """What happened to one unit (a linear, a shared-input group or a feed-forward block)."""
+    """What happened to one unit (a linear, a shared-input group, a feed-forward block, or
+    the GELU after a feed-forward matrix that stays dense); ``sparse`` = the runtime's
+    module was swapped in."""
 
     name: str
     kind: str
@@ -75,6 +79,10 @@ class SparsifyReport:
             times = ""
             if d.dense_ms is not None and d.sparse_ms is not None:
                 times = f" (dense {d.dense_ms:.2f} ms, sparse {d.sparse_ms:.2f} ms)"
+            if d.kind == "gelu":
+                choice = "FastGELU" if d.sparse else "torch GELU"
+                lines.append(f"{d.name} [gelu]: {choice}, {d.reason}{times}")
+                continue
             choice = "sparse" if d.sparse else "dense"
             lines.append(f"{d.name} [{d.kind}] {d.sparsity:.1%}: {choice}, {d.reason}{times}")
         return "\n".join(lines)
@@ -180,6 +188,27 @@ def _decide_linear(
         _set(model, path, module)
         if fuse_gelu:
             _set(model, act_path, nn.Identity())
+    elif fuse_gelu:
+        _decide_gelu(model, act_path, linear.out_features, policy, report)
+
+
+def _decide_gelu(
+    model: nn.Module, act_path: str, n_features: int, policy: _Policy, report: SparsifyReport
+) -> None:
+    """A dense linear followed by exact GELU keeps its matrix but may get `FastGELU`."""
+    act, fast = _get(model, act_path), FastGELU()
+    if policy.calibrate:
+        x = torch.randn(policy.tokens, n_features)
+        torch_ms, fast_ms = _time_pair(act, fast, x, policy.repeats)
+        chosen = fast_ms <= torch_ms * (1.0 - policy.margin)
+        reason = "timed faster" if chosen else "timed not faster"
+        decision = Decision(act_path, "gelu", 0.0, chosen, reason, torch_ms, fast_ms)
+    else:
+        chosen = True
+        decision = Decision(act_path, "gelu", 0.0, True, "vectorised exact GELU, not timed")
+    report.decisions.append(decision)
+    if chosen:
+        _set(model, act_path, fast)
 
 
 def _decide_shared(
@@ -255,7 +284,7 @@ def sparsify_for_inference(
     min_sparsity: float | None = None,
     calibrate: bool = True,
     sample_tokens: int = 16 * 128,
-    repeats: int = 5,
+    repeats: int = 7,
     margin: float = 0.05,
 ) -> SparsifyReport:
     """Replace the linears of ``model`` (in place) by sparse kernels where that is faster.
