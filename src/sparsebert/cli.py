@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", help="prune while fine-tuning with a recipe (GMP* by default)", epilog=EPILOG
     )
     _train_options(pr)
-    pr.add_argument("--recipe", default="gmp", help="shipped recipe name (gmp, gmp-smc) or a YAML path")
+    pr.add_argument("--recipe", default="gmp",
+                    help="shipped recipe name (see `sparsebert recipes`) or a YAML path")
     pr.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (overrides the recipe)")
     pr.add_argument("--teacher", help="fine-tuned dense model to distil from")
 
