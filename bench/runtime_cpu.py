@@ -209,33 +209,30 @@ def render_markdown(data: dict) -> str:
         "## How, and why the goals are (not) met",
         "",
         "Each pruned matrix is stored as sorted, 4-row interleaved groups of (uint16 index, "
-        "fp32 value) entries; a numba kernel multiplies it by 16-token tiles of the "
-        "activations held transposed in L1 (two AVX2 registers per row, 8 independent FMA "
-        "chains), with Q/K/V run as one matrix and each feed-forward block (FFN1 -> exact "
-        "GELU -> FFN2) fused per token tile. Each unit (Q/K/V group, attention output, FFN "
-        "block, or single linear) is timed dense vs sparse on the benchmark shape before it "
-        "is swapped in, and stays dense unless the sparse kernel is at least 5% faster.",
+        "fp32 value) entries; a kernel multiplies it by 16-token tiles of the activations "
+        "held transposed in L1 (two AVX2 registers per row, 8 independent FMA chains), with "
+        "Q/K/V run as one matrix and each feed-forward block (FFN1 -> exact GELU -> FFN2) "
+        "fused per token tile. The kernels are C with AVX2 intrinsics (8x8 register "
+        "transposes into and out of the tiles), compiled on first use; numba versions of the "
+        "same kernels run where no C compiler is found. Each unit (Q/K/V group, attention "
+        "output, FFN block, or single linear) is timed dense vs sparse on the benchmark "
+        "shape before it is swapped in, and stays dense unless the sparse kernel is at "
+        "least 5% faster.",
         "",
-        "Where the time goes (measured on this machine while writing this benchmark, "
-        "2048 tokens, 2 threads): the break-even is about 50% sparsity per matrix (in the 50% "
-        "plan, FFN2 matrices at 60% run sparse, FFN1 at 41-46% and Q/K at 31-38% stay dense), "
-        "so at 50% global sparsity the runtime is PyTorch eager with a few sparse units and "
-        "the vectorised GELU: faster than dense PyTorch, about level with ONNX Runtime's "
-        "fused graph (within the run-to-run noise of a few percent). At 90% the sparse kernels "
-        "take about 100 ms and the rest of the model about 65 ms (last column of the "
-        "summary); torch's CPU flash attention alone is ~50 ms of that rest (~10 ms per layer "
-        "for 12 heads of width 32). For 3x the whole model must run in a third of ONNX "
-        "Runtime's time, ~125 ms, so the kernels would have to get 1.6x faster even with "
-        "the rest unchanged. Per matrix (1536 x 384 at 90%), ~1.7 of 6.4 ms are the "
-        "transposes of activations into and out of the 16-token tiles, the rest is ~2 "
-        "cycles per stored non-zero per tile: each entry costs an index load, a broadcast "
-        "and two vector loads for two FMAs, so the kernel is load-bound at about a third of "
-        "dense GEMM's flop rate.",
+        "Where the time goes at batch 16 x 128 (last column of the summary): at 90% the "
+        "sparse kernels take about 90 ms and the rest of the model about 70 ms, of which "
+        "torch's CPU flash attention is ~50 ms (~10 ms per layer for 12 heads of width 32). "
+        "For 3x the whole model must run in a third of ONNX Runtime's time, ~125 ms, so "
+        "both the kernels and attention would have to get much faster. The kernel is "
+        "load-bound: each non-zero costs an index load, a broadcast and two vector loads for "
+        "two FMAs, about a third of dense GEMM's flop rate, so a matrix has to be roughly 50% "
+        "sparse to break even. At 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) "
+        "the calibration swaps in the units it times faster in isolation, yet the whole "
+        "model ends level with dense PyTorch and a few percent behind ONNX Runtime's fused "
+        "graph: the isolated timings promise more than the model then shows.",
         "",
-        "What would close the gap (not done): 32-token tiles (four FMAs per index and value; "
-        "a first try stalled on numba's SLP vectoriser misaligning the second accumulator "
-        "set), in-register 8x8 transposes (numba exposes no shuffle intrinsics; a small C "
-        "extension would), and an attention kernel faster than torch's for head width 32.",
+        "What would close the gap (not done): 32-token tiles (four FMAs per index and value "
+        "load), and an attention kernel faster than torch's for head width 32.",
         "",
     ]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsebert.runtime import kernels
+from sparsebert.runtime import kernels, native
 from sparsebert.runtime.sparse_linear import (
     SparseLinear,
     as_matrix,
@@ -145,6 +145,9 @@ class SparseFFN(nn.Module):
             hidden = torch.empty((n_tok, self.hidden_features), dtype=torch.float32)
             run_spmm(x2, self.first.sparse, self.first.bias_sorted, kernels.ACT_GELU, hidden)
             run_spmm(hidden, self.second.sparse, self.second.bias_sorted, kernels.ACT_NONE, out)
+        elif native.usable(self.first.sparse, self.second.sparse):
+            native.ffn(x2, self.first.sparse, self.first.bias_sorted, self.second.sparse,
+                       self.second.bias_sorted, out, torch.get_num_threads())  # fmt: skip
         else:
             a, b = self.first.sparse, self.second.sparse
             with kernels.vector_codegen():

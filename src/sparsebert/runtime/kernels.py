@@ -212,13 +212,12 @@ def _tile(buf, ptr, indices, values, perm, bias, g0, g1, act, to_buffer, dst, t0
                 a3 = _axpy(a3, values[j + u3], buf, indices[j + u3])
                 j += step
             if last and to_buffer:  # epilogue into rows dst[feature, lane]
-                o0, o1, o2, o3 = perm[r], perm[r + u1], perm[r + u2], perm[r + u3]
-                _spill(a0, dst, o0)
-                _spill(a1, dst, o1)
-                _spill(a2, dst, o2)
-                _spill(a3, dst, o3)
-                if act == ACT_GELU:
-                    _gelu_rows(dst, o0, o1, o2, o3)
+                if act == ACT_GELU:  # in registers: a padding row repeats a real one
+                    a0, a1, a2, a3 = _gelu16(a0), _gelu16(a1), _gelu16(a2), _gelu16(a3)
+                _spill(a0, dst, perm[r])
+                _spill(a1, dst, perm[r + u1])
+                _spill(a2, dst, perm[r + u2])
+                _spill(a3, dst, perm[r + u3])
             elif last:  # epilogue into this tile's tokens of columns dst[token, feature]
                 _spill(a0, stage, 0)
                 _spill(a1, stage, 1)

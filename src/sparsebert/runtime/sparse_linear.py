@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsebert.runtime import kernels
+from sparsebert.runtime import kernels, native
 from sparsebert.runtime.sparse_format import GroupedSparse, to_dense, to_grouped
 
 ACTIVATIONS = {None: kernels.ACT_NONE, "gelu": kernels.ACT_GELU}
@@ -60,11 +60,15 @@ def as_matrix(x: torch.Tensor, n_in: int, what: str) -> torch.Tensor:
 def run_spmm(
     x2: torch.Tensor, sparse: GroupedSparse, bias: np.ndarray, act: int, out: torch.Tensor
 ) -> None:
-    """``out = act(x2 @ W.T + b)`` with the numba kernel, on torch's thread count."""
+    """``out = act(x2 @ W.T + b)`` on torch's thread count: the native AVX2 kernel when it is
+    available and there are enough token tiles for every thread, else the numba kernel."""
     if x2.shape[0] == 0:
         return
     threads = sync_threads()
     chunks = work_chunks(x2.shape[0], sparse.n_groups, threads)
+    if chunks == 1 and native.usable(sparse):
+        native.spmm(x2, sparse, bias, act, out, torch.get_num_threads())
+        return
     with kernels.vector_codegen():
         kernels.spmm(
             x2.numpy(), sparse.ptr, sparse.indices, sparse.values, sparse.perm, bias,

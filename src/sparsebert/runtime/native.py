@@ -1,0 +1,127 @@
+"""The AVX2 kernels of ``spmm_avx2.c``: compiled on first use, loaded with ctypes.
+
+Why a C twin of the numba kernels: numba has no shuffle intrinsics, so the transposes of
+activations into and out of the 16-token tiles move one float at a time; in C they are 8x8
+register transposes. Same weight layout (`sparse_format.GroupedSparse`), same algorithm,
+same results to rounding.
+
+Why compiled on first use and not by ``pip install``: building a C extension at install
+time would need torch inside pip's isolated build environment (a multi-gigabyte CUDA wheel
+by default). The source is plain C (no Python or torch headers), so the system C compiler
+builds it in about a second; the shared library is cached per source hash in
+``$SPARSEBERT_CACHE`` (default ``~/.cache/sparsebert``). OpenMP in it binds to the libgomp
+torch has loaded, so torch ops and these kernels share one thread pool.
+
+When anything is missing (not x86-64 with AVX2 and FMA, no C compiler, a failed build) or
+``SPARSEBERT_NATIVE=0``, `library` returns None once and for all and the numba kernels run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("sparsebert")
+
+SOURCE = Path(__file__).with_name("spmm_avx2.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+_UNSET = object()
+_library: object = _UNSET
+
+
+def _cpu_ok() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build(cache: Path) -> Path:
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache / f"spmm_avx2-{tag}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+        os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"{compiler} failed: {err.stderr.strip()[-500:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    matrix = [p, i64, i64, p, p, p, p]  # ptr, n_panels, n_groups, idx, val, perm, bias
+    lib.sb_spmm.argtypes = [p, i64, i64, *matrix, i32, p, i64, i32]
+    lib.sb_spmm.restype = i32
+    lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32]
+    lib.sb_ffn.restype = i32
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded native kernels, or None (then the numba kernels are used)."""
+    global _library
+    if _library is not _UNSET:
+        return _library  # type: ignore[return-value]
+    _library = None
+    if os.environ.get("SPARSEBERT_NATIVE", "1") == "0" or not _cpu_ok():
+        return None
+    cache = Path(os.environ.get("SPARSEBERT_CACHE") or Path.home() / ".cache" / "sparsebert")
+    try:
+        lib = ctypes.CDLL(str(_build(cache)))
+        _declare(lib)
+        _library = lib
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+        logger.warning("native sparse kernels unavailable, using numba: %s", err)
+    return _library  # type: ignore[return-value]
+
+
+def usable(*matrices) -> bool:
+    """Whether the native kernels can run these `GroupedSparse` matrices (uint16 indices)."""
+    return library() is not None and all(m.indices.dtype == np.uint16 for m in matrices)
+
+
+def _matrix(m, bias: np.ndarray) -> list:
+    return [m.ptr.ctypes.data, m.ptr.shape[0], m.ptr.shape[1] - 1, m.indices.ctypes.data,
+            m.values.ctypes.data, m.perm.ctypes.data, bias.ctypes.data]  # fmt: skip
+
+
+def spmm(x: torch.Tensor, m, bias: np.ndarray, act: int, out: torch.Tensor, threads: int) -> None:
+    """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors."""
+    lib = library()
+    assert lib is not None
+    rc = lib.sb_spmm(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m, bias), int(act),
+                     out.data_ptr(), out.shape[1], int(threads))  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native sparse kernel could not allocate its scratch buffers")
+
+
+def ffn(x: torch.Tensor, m1, b1: np.ndarray, m2, b2: np.ndarray, out: torch.Tensor, threads: int) -> None:
+    """``out = W2 gelu(W1 x + b1) + b2``, fused per token tile."""
+    lib = library()
+    assert lib is not None
+    rc = lib.sb_ffn(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m1, b1), m1.shape[0],
+                    *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads))  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native sparse kernel could not allocate its scratch buffers")
