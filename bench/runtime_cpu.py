@@ -214,25 +214,27 @@ def render_markdown(data: dict) -> str:
         "Q/K/V run as one matrix and each feed-forward block (FFN1 -> exact GELU -> FFN2) "
         "fused per token tile. The kernels are C with AVX2 intrinsics (8x8 register "
         "transposes into and out of the tiles), compiled on first use; numba versions of the "
-        "same kernels run where no C compiler is found. Each unit (Q/K/V group, attention "
-        "output, FFN block, or single linear) is timed dense vs sparse on the benchmark "
-        "shape before it is swapped in, and stays dense unless the sparse kernel is at "
+        "same kernels run where no C compiler is found. Attention runs through a native "
+        "kernel too (registered with transformers' attention interface; whole 128 x 128 "
+        "score blocks per head, register-blocked), about 25% faster than torch's CPU flash "
+        "attention at head width 32: dense work, so it is counted in the rest of the model "
+        "below, not in the sparse kernels. Each unit (Q/K/V group, attention output, FFN "
+        "block, single linear, attention) is timed against its dense PyTorch counterpart on "
+        "the benchmark shape before it is swapped in, and stays dense unless the swap is at "
         "least 5% faster.",
         "",
         "Where the time goes at batch 16 x 128 (last column of the summary): at 90% the "
-        "sparse kernels take about 90 ms and the rest of the model about 70 ms, of which "
-        "torch's CPU flash attention is ~50 ms (~10 ms per layer for 12 heads of width 32). "
-        "For 3x the whole model must run in a third of ONNX Runtime's time, ~125 ms, so "
-        "both the kernels and attention would have to get much faster. The kernel is "
+        "sparse kernels take about 95 ms and the rest of the model about 70 ms (attention "
+        "~40 ms, layer norms, residual adds, embeddings, Python). For 3x the whole model "
+        "must run in a third of ONNX Runtime's time, ~125 ms. The sparse kernel is "
         "load-bound: each non-zero costs an index load, a broadcast and two vector loads for "
         "two FMAs, about a third of dense GEMM's flop rate, so a matrix has to be roughly 50% "
-        "sparse to break even. At 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) "
-        "the calibration swaps in the units it times faster in isolation, yet the whole "
-        "model ends level with dense PyTorch and a few percent behind ONNX Runtime's fused "
-        "graph: the isolated timings promise more than the model then shows.",
+        "sparse to break even; at 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) the "
+        "gain comes from the FFN2 / value / output matrices and from attention.",
         "",
-        "What would close the gap (not done): 32-token tiles (four FMAs per index and value "
-        "load), and an attention kernel faster than torch's for head width 32.",
+        "What would close the gap at 90% (not done): 32-token tiles (four FMAs per index and "
+        "value load instead of two), and fusing the layer norms and residual adds into the "
+        "kernels' epilogues.",
         "",
     ]
     return "\n".join(lines)

@@ -206,7 +206,7 @@ def test_sparsified_tiny_bert_gives_same_logits(backend):
     sparse = copy.deepcopy(model)
     report = sparsify_for_inference(sparse, min_sparsity=0.5, calibrate=False)
     kinds = {d.kind for d in report.decisions if d.sparse}
-    assert kinds == {"shared-input", "linear", "ffn"}
+    assert kinds - {"attention"} == {"shared-input", "linear", "ffn"}
     assert isinstance(sparse.bert.encoder.layer[0].intermediate.dense, SparseFFN)
     assert isinstance(sparse.bert.encoder.layer[0].attention.self.query, GroupSlice)
     assert isinstance(sparse.bert.pooler.dense, nn.Linear)  # dense stays dense
@@ -221,7 +221,7 @@ def test_dense_ffn_gets_fast_gelu():
     model = tiny_bert(0.5)
     fast = copy.deepcopy(model)
     report = sparsify_for_inference(fast, min_sparsity=0.99, calibrate=False)
-    assert not any(d.sparse for d in report.decisions if d.kind != "gelu")
+    assert not any(d.sparse for d in report.decisions if d.kind not in ("gelu", "attention"))
     assert isinstance(fast.bert.encoder.layer[0].intermediate.intermediate_act_fn, FastGELU)
     assert isinstance(fast.bert.encoder.layer[0].intermediate.dense, nn.Linear)
     batch = random_batch()

@@ -1,4 +1,4 @@
-"""The AVX2 kernels of ``spmm_avx2.c``: compiled on first use, loaded with ctypes.
+"""The AVX2 kernels of ``kernels_avx2.c``: compiled on first use, loaded with ctypes.
 
 Why a C twin of the numba kernels: numba has no shuffle intrinsics, so the transposes of
 activations into and out of the 16-token tiles move one float at a time; in C they are 8x8
@@ -33,7 +33,7 @@ import torch
 
 logger = logging.getLogger("sparsebert")
 
-SOURCE = Path(__file__).with_name("spmm_avx2.c")
+SOURCE = Path(__file__).with_name("kernels_avx2.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 _UNSET = object()
@@ -49,7 +49,7 @@ def _cpu_ok() -> bool:
 def _build(cache: Path) -> Path:
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache / f"spmm_avx2-{tag}.so"
+    target = cache / f"kernels_avx2-{tag}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -77,6 +77,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sb_spmm.restype = i32
     lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32]
     lib.sb_ffn.restype = i32
+    f32 = ctypes.c_float
+    lib.sb_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, f32, p, i32]
+    lib.sb_attention.restype = i32
 
 
 def library() -> ctypes.CDLL | None:
@@ -125,3 +128,28 @@ def ffn(x: torch.Tensor, m1, b1: np.ndarray, m2, b2: np.ndarray, out: torch.Tens
                     *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads))  # fmt: skip
     if rc != 0:
         raise MemoryError("native sparse kernel could not allocate its scratch buffers")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              scale: float, threads: int) -> torch.Tensor:
+    """softmax(scale q k^T + bias) v for q, k, v of shape (B, H, S, D), float32, last dim
+    contiguous; ``bias`` (B or 1, S or 1, S_k) float32 with a contiguous last dim, or None.
+    Returns (B, S, H, D), contiguous."""
+    lib = library()
+    assert lib is not None
+    b, h, s, d = q.shape
+    s_k = k.shape[2]
+    out = torch.empty((b, s, h, d), dtype=torch.float32)
+    strides = [np.ascontiguousarray(t.stride()[:3], dtype=np.int64) for t in (q, k, v)]
+    if bias is None:
+        bias_ptr, bias_b, bias_i = None, 0, 0
+    else:
+        bias_ptr = bias.data_ptr()
+        bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
+        bias_i = bias.stride(1) if bias.shape[1] > 1 else 0
+    rc = lib.sb_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, s, s_k, d,
+                          *(x.ctypes.data for x in strides), bias_ptr, bias_b, bias_i,
+                          float(scale), out.data_ptr(), int(threads))  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native attention kernel failed (scratch allocation or head width)")
+    return out

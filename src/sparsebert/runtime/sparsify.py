@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparseBertError, check_sparsity
+from sparsebert.runtime import native
 from sparsebert.runtime.activation import FastGELU
+from sparsebert.runtime.attention import use_native_attention
 from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
 from sparsebert.runtime.sparse_linear import SparseLinear
 
@@ -70,7 +72,8 @@ class SparsifyReport:
 
     @property
     def n_sparse(self) -> int:
-        return sum(d.sparse for d in self.decisions)
+        """Units running on sparse kernels (not counting GELU / attention swaps)."""
+        return sum(d.sparse for d in self.decisions if d.kind not in ("gelu", "attention"))
 
     def summary(self) -> str:
         """One line per unit: name, sparsity, choice and why."""
@@ -79,9 +82,10 @@ class SparsifyReport:
             times = ""
             if d.dense_ms is not None and d.sparse_ms is not None:
                 times = f" (dense {d.dense_ms:.2f} ms, sparse {d.sparse_ms:.2f} ms)"
-            if d.kind == "gelu":
-                choice = "FastGELU" if d.sparse else "torch GELU"
-                lines.append(f"{d.name} [gelu]: {choice}, {d.reason}{times}")
+            if d.kind in ("gelu", "attention"):
+                choices = {"gelu": ("torch GELU", "FastGELU"), "attention": ("sdpa", "native kernel")}
+                choice = choices[d.kind][d.sparse]
+                lines.append(f"{d.name} [{d.kind}]: {choice}, {d.reason}{times}")
                 continue
             choice = "sparse" if d.sparse else "dense"
             lines.append(f"{d.name} [{d.kind}] {d.sparsity:.1%}: {choice}, {d.reason}{times}")
@@ -270,6 +274,38 @@ def _decide_ffn(
     _decide_linear(model, second_path, policy, report)
 
 
+
+def _decide_attention(model: nn.Module, policy: _Policy, report: SparsifyReport) -> None:
+    """Encoder attention through the native kernel (`attention.cpu_attention`) when it times
+    faster than torch's sdpa on the calibration shape (sequences of 128)."""
+    config = getattr(model, "config", None)
+    heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
+    if not hasattr(config, "_attn_implementation") or not heads or native.library() is None:
+        return
+    d = hidden // heads
+    if d % 8 or d > 256:
+        return
+    if policy.calibrate:
+        seq = 128
+        q, k, v = (torch.randn(max(1, policy.tokens // seq), heads, seq, d) for _ in range(3))
+
+        def sdpa(_: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        def fast(_: torch.Tensor) -> torch.Tensor:
+            return native.attention(q, k, v, None, d**-0.5, torch.get_num_threads())
+
+        sdpa_ms, native_ms = _time_pair(sdpa, fast, q, policy.repeats)
+        chosen = native_ms <= sdpa_ms * (1.0 - policy.margin)
+        reason = "timed faster" if chosen else "timed not faster"
+        decision = Decision("attention", "attention", 0.0, chosen, reason, sdpa_ms, native_ms)
+    else:
+        chosen = True
+        decision = Decision("attention", "attention", 0.0, True, "native kernel, not timed")
+    report.decisions.append(decision)
+    if chosen:
+        use_native_attention(model)
+
 def _check_model(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.device.type != "cpu" or p.dtype != torch.float32:
@@ -325,4 +361,5 @@ def sparsify_for_inference(
         if isinstance(module, nn.Linear) and name not in done:
             _decide_linear(model, name, policy, report)
             done.add(name)
+    _decide_attention(model, policy, report)
     return report

@@ -1,0 +1,111 @@
+"""Native CPU attention: exact against torch's sdpa, masks, fallbacks, and the model switch."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from sparsebert.runtime import native, sparsify_for_inference
+from sparsebert.runtime.attention import NAME, cpu_attention, use_native_attention
+
+
+@pytest.fixture(autouse=True)
+def native_kernels():
+    if native.library() is None:
+        if native._cpu_ok() and shutil.which("cc"):
+            pytest.fail("AVX2 CPU and a C compiler, but the native kernels did not build")
+        pytest.skip("no AVX2 CPU or no C compiler: the native attention cannot run here")
+
+
+def projections(b: int, s: int, h: int, d: int, seed: int = 0):
+    """q, k, v as the model makes them: (B, H, S, D) transposed views of one (B, S, 3HD) tensor."""
+    x = torch.randn(b, s, 3 * h * d, generator=torch.Generator().manual_seed(seed))
+    return [x[..., i * h * d:(i + 1) * h * d].view(b, s, h, d).transpose(1, 2) for i in range(3)]
+
+
+def reference(q, k, v, mask):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+class _Module(torch.nn.Module):
+    is_causal = False
+
+
+@pytest.mark.parametrize(("b", "s", "h", "d"), [(3, 37, 4, 16), (2, 128, 2, 32), (1, 5, 1, 64)])
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "full-bool", "float"])
+def test_matches_sdpa(b, s, h, d, mask_kind):
+    q, k, v = projections(b, s, h, d)
+    keep = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    keep[-1, ..., s // 2 + 1:] = False
+    mask = {
+        "none": None,
+        "padding": keep,
+        "full-bool": (keep.expand(b, 1, s, s) & (torch.rand(b, 1, s, s) > 0.3))
+        | torch.eye(s, dtype=torch.bool),
+        "float": torch.randn(b, 1, s, s),
+    }[mask_kind]
+    with torch.inference_mode():
+        got, weights = cpu_attention(_Module(), q, k, v, mask, scaling=d**-0.5)
+        ref = reference(q, k, v, mask)
+    assert weights is None and got.shape == (b, s, h, d) and got.is_contiguous()
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_scaling_is_applied():
+    q, k, v = projections(2, 20, 2, 8)
+    with torch.inference_mode():
+        got, _ = cpu_attention(_Module(), q, k, v, None, scaling=0.3)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3).transpose(1, 2)
+    assert float((got - ref).abs().max()) < 1e-5
+
+
+def test_a_row_masked_everywhere_gives_zeros_not_nan():
+    q, k, v = projections(1, 9, 1, 8)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)
+    mask[0, 0, 4] = False
+    with torch.inference_mode():
+        got, _ = cpu_attention(_Module(), q, k, v, mask)
+    assert torch.all(got[0, 4] == 0) and not torch.isnan(got).any()
+
+
+def test_falls_back_to_sdpa_when_autograd_or_odd_head_width_needs_it():
+    q, k, v = projections(2, 10, 2, 8)
+    q.requires_grad_(True)
+    out, _ = cpu_attention(_Module(), q, k, v, None)
+    assert out.grad_fn is not None  # sdpa ran: the native kernel gives no gradient
+    q6, k6, v6 = projections(2, 10, 2, 6)
+    with torch.inference_mode():
+        got, _ = cpu_attention(_Module(), q6, k6, v6, None)
+    assert torch.allclose(got, reference(q6, k6, v6, None), atol=1e-6)
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
+def test_model_switch_gives_the_same_logits():
+    model = tiny_bert()
+    fast = copy.deepcopy(model)
+    assert use_native_attention(fast) and fast.config._attn_implementation == NAME
+    mask = torch.ones(3, 30, dtype=torch.long)
+    mask[1, 11:] = 0
+    batch = {"input_ids": torch.randint(0, 100, (3, 30)), "attention_mask": mask}
+    with torch.inference_mode():
+        ref, got = model(**batch).logits, fast(**batch).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_sparsify_reports_the_attention_decision():
+    model = tiny_bert()
+    report = sparsify_for_inference(model, calibrate=False)
+    decision = [d for d in report.decisions if d.kind == "attention"]
+    assert len(decision) == 1 and decision[0].sparse
+    assert model.config._attn_implementation == NAME
+    assert "[attention]: native kernel" in report.summary()
