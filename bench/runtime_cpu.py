@@ -209,8 +209,9 @@ def render_markdown(data: dict) -> str:
         "## How, and why the goals are (not) met",
         "",
         "Each pruned matrix is stored as sorted, 4-row interleaved groups of (uint16 index, "
-        "fp32 value) entries; a kernel multiplies it by 16-token tiles of the activations "
-        "held transposed in L1 (two AVX2 registers per row, 8 independent FMA chains), with "
+        "fp32 value) entries; a kernel multiplies it by 32-token tiles of the activations "
+        "held transposed in L1 (four AVX2 registers per row, two rows at a time: 8 FMA "
+        "chains, 4 FMAs per index and weight load; 16-token tiles for small inputs), with "
         "Q/K/V run as one matrix and each feed-forward block (FFN1 -> exact GELU -> FFN2) "
         "fused per token tile. The kernels are C with AVX2 intrinsics (8x8 register "
         "transposes into and out of the tiles), compiled on first use; numba versions of the "
@@ -224,17 +225,17 @@ def render_markdown(data: dict) -> str:
         "least 5% faster.",
         "",
         "Where the time goes at batch 16 x 128 (last column of the summary): at 90% the "
-        "sparse kernels take about 95 ms and the rest of the model about 70 ms (attention "
+        "sparse kernels take about 90 ms and the rest of the model about 70 ms (attention "
         "~40 ms, layer norms, residual adds, embeddings, Python). For 3x the whole model "
         "must run in a third of ONNX Runtime's time, ~125 ms. The sparse kernel is "
-        "load-bound: each non-zero costs an index load, a broadcast and two vector loads for "
-        "two FMAs, about a third of dense GEMM's flop rate, so a matrix has to be roughly 50% "
-        "sparse to break even; at 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) the "
+        "at about a third of dense GEMM's flop rate per stored weight (index and weight "
+        "loads, random rows of the token buffer), so a matrix has to be roughly 45-50% sparse "
+        "to break even; at 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) the "
         "gain comes from the FFN2 / value / output matrices and from attention.",
         "",
-        "What would close the gap at 90% (not done): 32-token tiles (four FMAs per index and "
-        "value load instead of two), and fusing the layer norms and residual adds into the "
-        "kernels' epilogues.",
+        "What would close the gap at 90% (not done): fusing the residual adds and layer norms "
+        "into the kernels' epilogues, vectorised transposes inside the attention kernel, and "
+        "a better flop rate per stored weight (the 32-token tiles gained little at 90%).",
         "",
     ]
     return "\n".join(lines)

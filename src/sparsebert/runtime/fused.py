@@ -147,7 +147,8 @@ class SparseFFN(nn.Module):
             run_spmm(hidden, self.second.sparse, self.second.bias_sorted, kernels.ACT_NONE, out)
         elif native.usable(self.first.sparse, self.second.sparse):
             native.ffn(x2, self.first.sparse, self.first.bias_sorted, self.second.sparse,
-                       self.second.bias_sorted, out, torch.get_num_threads())  # fmt: skip
+                       self.second.bias_sorted, out, torch.get_num_threads(),
+                       native.lanes_for(n_tok, threads))  # fmt: skip
         else:
             a, b = self.first.sparse, self.second.sparse
             with kernels.vector_codegen():

@@ -42,38 +42,39 @@ static inline void transpose8(__m256 r[8]) {
     r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-/* buf[k][lane] = x[t0 + lane][k]; lanes past the last token are zero. */
-static void pack(const float *x, int64_t n_in, int64_t t0, int64_t nt, float *buf) {
+/* buf[k][lane] = x[t0 + lane][k] for a tile of `lanes` (16 or 32) tokens; lanes past the
+ * last token are zero. */
+static void pack(const float *x, int64_t n_in, int64_t t0, int64_t nt, float *buf, int64_t lanes) {
     int64_t k0 = 0;
-    if (nt == LANES) {
+    if (nt == lanes) {
         for (; k0 + 8 <= n_in; k0 += 8) {
-            for (int h = 0; h < 2; h++) {
+            for (int64_t h = 0; h < lanes; h += 8) {
                 __m256 r[8];
-                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(x + (t0 + h * 8 + i) * n_in + k0);
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(x + (t0 + h + i) * n_in + k0);
                 transpose8(r);
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(buf + (k0 + i) * LANES + h * 8, r[i]);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(buf + (k0 + i) * lanes + h, r[i]);
             }
         }
     }
     for (int64_t k = k0; k < n_in; k++)
-        for (int64_t i = 0; i < LANES; i++) buf[k * LANES + i] = i < nt ? x[(t0 + i) * n_in + k] : 0.0f;
+        for (int64_t i = 0; i < lanes; i++) buf[k * lanes + i] = i < nt ? x[(t0 + i) * n_in + k] : 0.0f;
 }
 
 /* out[t0 + lane][o] = obuf[o][lane] for the tile's real tokens. */
-static void unpack(const float *obuf, int64_t n_out, float *out, int64_t t0, int64_t nt) {
+static void unpack(const float *obuf, int64_t n_out, float *out, int64_t t0, int64_t nt, int64_t lanes) {
     int64_t o0 = 0;
-    if (nt == LANES) {
+    if (nt == lanes) {
         for (; o0 + 8 <= n_out; o0 += 8) {
-            for (int h = 0; h < 2; h++) {
+            for (int64_t h = 0; h < lanes; h += 8) {
                 __m256 r[8];
-                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(obuf + (o0 + i) * LANES + h * 8);
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(obuf + (o0 + i) * lanes + h);
                 transpose8(r);
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + (t0 + h * 8 + i) * n_out + o0, r[i]);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + (t0 + h + i) * n_out + o0, r[i]);
             }
         }
     }
     for (int64_t i = 0; i < nt; i++)
-        for (int64_t o = o0; o < n_out; o++) out[(t0 + i) * n_out + o] = obuf[o * LANES + i];
+        for (int64_t o = o0; o < n_out; o++) out[(t0 + i) * n_out + o] = obuf[o * lanes + i];
 }
 
 /* Exact GELU with the rational erf of kernels._gelu (Eigen's float erf). */
@@ -157,6 +158,67 @@ static void tile(const float *buf, const uint64_t *ptr, int64_t n_panels, int64_
     }
 }
 
+#define FMA_ENTRY32(J, X0, X1, X2, X3)                                    \
+    do {                                                                  \
+        const float *xk = buf + (int64_t)idx[(J)] * 32;                   \
+        const __m256 w = _mm256_broadcast_ss(val + (J));                  \
+        X0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk), X0);                 \
+        X1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + 8), X1);             \
+        X2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + 16), X2);            \
+        X3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(xk + 24), X3);            \
+    } while (0)
+
+/* `tile` for 32-token tiles: a row takes 4 registers, so the 4 rows of a group run as two
+ * passes of 2 rows (8 FMA chains); every index and weight load now feeds 4 FMAs, not 2. */
+static void tile32(const float *buf, const uint64_t *ptr, int64_t n_panels, int64_t n_groups,
+                   const uint16_t *idx, const float *val, const uint64_t *perm, const float *bias,
+                   int act, float *dst, float *part) {
+    for (int64_t p = 0; p < n_panels; p++) {
+        const uint64_t *pp = ptr + p * (n_groups + 1);
+        const int last = p == n_panels - 1;
+        for (int64_t g = 0; g < n_groups; g++) {
+            for (int half = 0; half < 2; half++) {
+                const int64_t r = GROUP * g + 2 * half;
+                float *pa = part + r * 32, *pb = pa + 32;
+                __m256 a0, a1, a2, a3, b0, b1, b2, b3;
+                if (p == 0) {
+                    a0 = a1 = a2 = a3 = _mm256_set1_ps(bias[r]);
+                    b0 = b1 = b2 = b3 = _mm256_set1_ps(bias[r + 1]);
+                } else {
+                    a0 = _mm256_loadu_ps(pa), a1 = _mm256_loadu_ps(pa + 8);
+                    a2 = _mm256_loadu_ps(pa + 16), a3 = _mm256_loadu_ps(pa + 24);
+                    b0 = _mm256_loadu_ps(pb), b1 = _mm256_loadu_ps(pb + 8);
+                    b2 = _mm256_loadu_ps(pb + 16), b3 = _mm256_loadu_ps(pb + 24);
+                }
+                const uint64_t end = pp[g + 1];
+                for (uint64_t j = pp[g] + 2 * half; j < end; j += GROUP) {
+                    FMA_ENTRY32(j, a0, a1, a2, a3);
+                    FMA_ENTRY32(j + 1, b0, b1, b2, b3);
+                }
+                if (last) {
+                    float *da = dst + perm[r] * 32, *db = dst + perm[r + 1] * 32;
+                    finish(a0, a1, da, act), finish(a2, a3, da + 16, act);
+                    finish(b0, b1, db, act), finish(b2, b3, db + 16, act);
+                } else {
+                    _mm256_storeu_ps(pa, a0), _mm256_storeu_ps(pa + 8, a1);
+                    _mm256_storeu_ps(pa + 16, a2), _mm256_storeu_ps(pa + 24, a3);
+                    _mm256_storeu_ps(pb, b0), _mm256_storeu_ps(pb + 8, b1);
+                    _mm256_storeu_ps(pb + 16, b2), _mm256_storeu_ps(pb + 24, b3);
+                }
+            }
+        }
+    }
+}
+
+static void run_tile(const float *buf, const uint64_t *ptr, int64_t n_panels, int64_t n_groups,
+                     const uint16_t *idx, const float *val, const uint64_t *perm, const float *bias,
+                     int act, float *dst, float *part, int64_t lanes) {
+    if (lanes == 32)
+        tile32(buf, ptr, n_panels, n_groups, idx, val, perm, bias, act, dst, part);
+    else
+        tile(buf, ptr, n_panels, n_groups, idx, val, perm, bias, act, dst, part);
+}
+
 static float *scratch(int64_t floats) {
     /* 64-byte aligned, rounded up to whole lines (aligned_alloc wants a multiple). */
     int64_t bytes = ((floats * 4 + 63) / 64) * 64;
@@ -164,26 +226,28 @@ static float *scratch(int64_t floats) {
 }
 
 /* out = act(x @ W.T + b); x: (n_tok, n_in), out: (n_tok, n_out), both row-major float32.
- * Work: contiguous runs of 16-token tiles per thread. Returns 0, or -1 if out of memory. */
+ * Work: contiguous runs of `lanes`-token tiles (16 or 32) per thread. Returns 0, or -1 if
+ * out of memory. */
 int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, int64_t n_panels,
             int64_t n_groups, const uint16_t *idx, const float *val, const uint64_t *perm,
-            const float *bias, int act, float *out, int64_t n_out, int threads) {
-    const int64_t n_tiles = (n_tok + LANES - 1) / LANES;
+            const float *bias, int act, float *out, int64_t n_out, int threads, int64_t lanes) {
+    if (lanes != 16 && lanes != 32) return -2;
+    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
     const int workers = (int)(threads < n_tiles ? threads : n_tiles);
     int failed = 0;
 #pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
     {
         const int w = omp_get_thread_num(), nw = omp_get_num_threads();
-        float *buf = scratch(n_in * LANES), *obuf = scratch(n_out * LANES);
-        float *part = scratch(GROUP * n_groups * LANES);
+        float *buf = scratch(n_in * lanes), *obuf = scratch(n_out * lanes);
+        float *part = scratch(GROUP * n_groups * lanes);
         if (!buf || !obuf || !part) {
             failed = 1;
         } else {
             for (int64_t t = w * n_tiles / nw; t < (w + 1) * n_tiles / nw; t++) {
-                const int64_t t0 = t * LANES, nt = n_tok - t0 < LANES ? n_tok - t0 : LANES;
-                pack(x, n_in, t0, nt, buf);
-                tile(buf, ptr, n_panels, n_groups, idx, val, perm, bias, act, obuf, part);
-                unpack(obuf, n_out, out, t0, nt);
+                const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
+                pack(x, n_in, t0, nt, buf, lanes);
+                run_tile(buf, ptr, n_panels, n_groups, idx, val, perm, bias, act, obuf, part, lanes);
+                unpack(obuf, n_out, out, t0, nt, lanes);
             }
         }
         free(buf), free(obuf), free(part);
@@ -198,25 +262,26 @@ int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
            const float *val1, const uint64_t *perm1, const float *bias1, int64_t n_hidden,
            const uint64_t *ptr2, int64_t n_panels2, int64_t n_groups2, const uint16_t *idx2,
            const float *val2, const uint64_t *perm2, const float *bias2,
-           float *out, int64_t n_out, int threads) {
-    const int64_t n_tiles = (n_tok + LANES - 1) / LANES;
+           float *out, int64_t n_out, int threads, int64_t lanes) {
+    if (lanes != 16 && lanes != 32) return -2;
+    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
     const int workers = (int)(threads < n_tiles ? threads : n_tiles);
     int failed = 0;
 #pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
     {
         const int w = omp_get_thread_num(), nw = omp_get_num_threads();
-        float *buf = scratch(n_in * LANES), *hidden = scratch(n_hidden * LANES);
-        float *part1 = scratch(GROUP * n_groups1 * LANES), *part2 = scratch(GROUP * n_groups2 * LANES);
-        float *obuf = scratch(n_out * LANES);
+        float *buf = scratch(n_in * lanes), *hidden = scratch(n_hidden * lanes);
+        float *part1 = scratch(GROUP * n_groups1 * lanes), *part2 = scratch(GROUP * n_groups2 * lanes);
+        float *obuf = scratch(n_out * lanes);
         if (!buf || !hidden || !part1 || !part2 || !obuf) {
             failed = 1;
         } else {
             for (int64_t t = w * n_tiles / nw; t < (w + 1) * n_tiles / nw; t++) {
-                const int64_t t0 = t * LANES, nt = n_tok - t0 < LANES ? n_tok - t0 : LANES;
-                pack(x, n_in, t0, nt, buf);
-                tile(buf, ptr1, n_panels1, n_groups1, idx1, val1, perm1, bias1, 1, hidden, part1);
-                tile(hidden, ptr2, n_panels2, n_groups2, idx2, val2, perm2, bias2, 0, obuf, part2);
-                unpack(obuf, n_out, out, t0, nt);
+                const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
+                pack(x, n_in, t0, nt, buf, lanes);
+                run_tile(buf, ptr1, n_panels1, n_groups1, idx1, val1, perm1, bias1, 1, hidden, part1, lanes);
+                run_tile(hidden, ptr2, n_panels2, n_groups2, idx2, val2, perm2, bias2, 0, obuf, part2, lanes);
+                unpack(obuf, n_out, out, t0, nt, lanes);
             }
         }
         free(buf), free(hidden), free(part1), free(part2), free(obuf);

@@ -36,6 +36,10 @@ logger = logging.getLogger("sparsebert")
 SOURCE = Path(__file__).with_name("kernels_avx2.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
+WIDE_LANES = 32
+"""Tokens per tile of the native kernels when there are enough tokens: each index and
+weight load feeds four FMAs instead of two (up to ~20% faster at 50% sparsity)."""
+
 _UNSET = object()
 _library: object = _UNSET
 
@@ -73,9 +77,9 @@ def _build(cache: Path) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     matrix = [p, i64, i64, p, p, p, p]  # ptr, n_panels, n_groups, idx, val, perm, bias
-    lib.sb_spmm.argtypes = [p, i64, i64, *matrix, i32, p, i64, i32]
+    lib.sb_spmm.argtypes = [p, i64, i64, *matrix, i32, p, i64, i32, i64]
     lib.sb_spmm.restype = i32
-    lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32]
+    lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32, i64]
     lib.sb_ffn.restype = i32
     f32 = ctypes.c_float
     lib.sb_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, f32, p, i32]
@@ -105,27 +109,35 @@ def usable(*matrices) -> bool:
     return library() is not None and all(m.indices.dtype == np.uint16 for m in matrices)
 
 
+def lanes_for(n_tokens: int, threads: int) -> int:
+    """32-token tiles when every thread still gets two of them, else 16."""
+    return WIDE_LANES if n_tokens >= 2 * WIDE_LANES * max(1, threads) else 16
+
+
 def _matrix(m, bias: np.ndarray) -> list:
     return [m.ptr.ctypes.data, m.ptr.shape[0], m.ptr.shape[1] - 1, m.indices.ctypes.data,
             m.values.ctypes.data, m.perm.ctypes.data, bias.ctypes.data]  # fmt: skip
 
 
-def spmm(x: torch.Tensor, m, bias: np.ndarray, act: int, out: torch.Tensor, threads: int) -> None:
-    """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors."""
+def spmm(x: torch.Tensor, m, bias: np.ndarray, act: int, out: torch.Tensor, threads: int,
+         lanes: int = 16) -> None:
+    """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors; ``lanes``:
+    tokens per tile, 16 or 32."""
     lib = library()
     assert lib is not None
     rc = lib.sb_spmm(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m, bias), int(act),
-                     out.data_ptr(), out.shape[1], int(threads))  # fmt: skip
+                     out.data_ptr(), out.shape[1], int(threads), int(lanes))  # fmt: skip
     if rc != 0:
         raise MemoryError("native sparse kernel could not allocate its scratch buffers")
 
 
-def ffn(x: torch.Tensor, m1, b1: np.ndarray, m2, b2: np.ndarray, out: torch.Tensor, threads: int) -> None:
+def ffn(x: torch.Tensor, m1, b1: np.ndarray, m2, b2: np.ndarray, out: torch.Tensor, threads: int,
+        lanes: int = 16) -> None:
     """``out = W2 gelu(W1 x + b1) + b2``, fused per token tile."""
     lib = library()
     assert lib is not None
     rc = lib.sb_ffn(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m1, b1), m1.shape[0],
-                    *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads))  # fmt: skip
+                    *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads), int(lanes))  # fmt: skip
     if rc != 0:
         raise MemoryError("native sparse kernel could not allocate its scratch buffers")
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparsebert.runtime import kernels, native
-from sparsebert.runtime.sparse_format import GroupedSparse, to_dense, to_grouped
+from sparsebert.runtime.sparse_format import GroupedSparse, default_panel, to_dense, to_grouped
 
 ACTIVATIONS = {None: kernels.ACT_NONE, "gelu": kernels.ACT_GELU}
 """Activations the kernel can fuse into its output store (``gelu`` = exact, erf-based)."""
@@ -67,7 +67,8 @@ def run_spmm(
     threads = sync_threads()
     chunks = work_chunks(x2.shape[0], sparse.n_groups, threads)
     if chunks == 1 and native.usable(sparse):
-        native.spmm(x2, sparse, bias, act, out, torch.get_num_threads())
+        native.spmm(x2, sparse, bias, act, out, torch.get_num_threads(),
+                    native.lanes_for(x2.shape[0], threads))  # fmt: skip
         return
     with kernels.vector_codegen():
         kernels.spmm(
@@ -97,6 +98,8 @@ class SparseLinear(nn.Module):
                 f"unsupported fused activation {activation!r}: use one of {list(ACTIVATIONS)}"
             )
         w = weight.detach().to("cpu", torch.float32).numpy()
+        if panel is None:  # panels sized for the token tiles of the kernel that will run
+            panel = default_panel(w.shape[1], native.WIDE_LANES if native.library() else kernels.LANES)
         self.sparse: GroupedSparse = to_grouped(w, panel=panel)
         self.out_features, self.in_features = w.shape
         b = None if bias is None else bias.detach().to("cpu", torch.float32).numpy()
