@@ -217,25 +217,27 @@ def render_markdown(data: dict) -> str:
         "transposes into and out of the tiles), compiled on first use; numba versions of the "
         "same kernels run where no C compiler is found. Attention runs through a native "
         "kernel too (registered with transformers' attention interface; whole 128 x 128 "
-        "score blocks per head, register-blocked), about 25% faster than torch's CPU flash "
-        "attention at head width 32: dense work, so it is counted in the rest of the model "
-        "below, not in the sparse kernels. Each unit (Q/K/V group, attention output, FFN "
+        "score blocks per head, register-blocked), about 1.8x faster than torch's CPU flash "
+        "attention at head width 32, and so do the residual add + LayerNorm of each output "
+        "block (one pass): dense work, counted in the rest of the model below, not in the "
+        "sparse kernels. Each unit (Q/K/V group, attention output, FFN "
         "block, single linear, attention) is timed against its dense PyTorch counterpart on "
         "the benchmark shape before it is swapped in, and stays dense unless the swap is at "
         "least 5% faster.",
         "",
         "Where the time goes at batch 16 x 128 (last column of the summary): at 90% the "
-        "sparse kernels take about 90 ms and the rest of the model about 70 ms (attention "
-        "~40 ms, layer norms, residual adds, embeddings, Python). For 3x the whole model "
+        "sparse kernels take about 95 ms (Q/K/V ~35, FFN ~45, attention output ~7: global "
+        "allocation leaves Q and K only ~80% sparse) and the rest of the model about 60 ms "
+        "(attention ~30, add & norm, embeddings, Python). For 3x the whole model "
         "must run in a third of ONNX Runtime's time, ~125 ms. The sparse kernel is "
         "at about a third of dense GEMM's flop rate per stored weight (index and weight "
         "loads, random rows of the token buffer), so a matrix has to be roughly 45-50% sparse "
         "to break even; at 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) the "
         "gain comes from the FFN2 / value / output matrices and from attention.",
         "",
-        "What would close the gap at 90% (not done): fusing the residual adds and layer norms "
-        "into the kernels' epilogues, vectorised transposes inside the attention kernel, and "
-        "a better flop rate per stored weight (the 32-token tiles gained little at 90%).",
+        "What would close the gap at 90% (not done): a better flop rate per stored weight. At "
+        "90% a row holds ~20 weights per input panel, so the per-row-group work (partial sums, "
+        "epilogue) weighs as much as the products; the 32-token tiles gained little there.",
         "",
     ]
     return "\n".join(lines)

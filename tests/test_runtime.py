@@ -206,7 +206,7 @@ def test_sparsified_tiny_bert_gives_same_logits(backend):
     sparse = copy.deepcopy(model)
     report = sparsify_for_inference(sparse, min_sparsity=0.5, calibrate=False)
     kinds = {d.kind for d in report.decisions if d.sparse}
-    assert kinds - {"attention"} == {"shared-input", "linear", "ffn"}
+    assert kinds - {"attention", "add-norm"} == {"shared-input", "linear", "ffn"}
     assert isinstance(sparse.bert.encoder.layer[0].intermediate.dense, SparseFFN)
     assert isinstance(sparse.bert.encoder.layer[0].attention.self.query, GroupSlice)
     assert isinstance(sparse.bert.pooler.dense, nn.Linear)  # dense stays dense
@@ -221,7 +221,7 @@ def test_dense_ffn_gets_fast_gelu():
     model = tiny_bert(0.5)
     fast = copy.deepcopy(model)
     report = sparsify_for_inference(fast, min_sparsity=0.99, calibrate=False)
-    assert not any(d.sparse for d in report.decisions if d.kind not in ("gelu", "attention"))
+    assert not any(d.sparse for d in report.decisions if d.kind not in ("gelu", "attention", "add-norm"))
     assert isinstance(fast.bert.encoder.layer[0].intermediate.intermediate_act_fn, FastGELU)
     assert isinstance(fast.bert.encoder.layer[0].intermediate.dense, nn.Linear)
     batch = random_batch()
@@ -270,3 +270,18 @@ def test_benchmark_model_and_writers(tmp_path):
     assert markdown_table(rows).splitlines()[0] in text
     with pytest.raises(SparseBertError, match="unknown runtime"):
         benchmark_model(model, runtimes=("tensorrt",))
+
+
+def test_fused_add_norm_matches_torch_and_finds_output_blocks(backend):
+    from sparsebert.runtime.add_norm import FusedAddNorm, is_output_block
+
+    dense, ln = nn.Linear(50, 77), nn.LayerNorm(77)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    h, residual = torch.randn(3, 11, 50), torch.randn(3, 11, 77)
+    with torch.inference_mode():
+        assert_close(FusedAddNorm(dense, ln)(h, residual), ln(dense(h) + residual))
+    layer = tiny_bert(0.0).bert.encoder.layer[0]
+    assert is_output_block(layer.attention.output) and is_output_block(layer.output)
+    assert not is_output_block(layer.intermediate) and not is_output_block(layer.attention.self)

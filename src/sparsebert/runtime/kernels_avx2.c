@@ -387,22 +387,37 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
     {
         float *kt = scratch(D * Sk8);        /* k transposed: kt[d][j] */
         float *pr = scratch(4 * Sk8);        /* scores / probabilities of 4 query rows */
-        if (!kt || !pr) {
+        float *ql = scratch(S * D);          /* this head's q and v rows, contiguous: the */
+        float *vl = scratch(S_k * D);        /* model's rows are 3 x hidden floats apart */
+        if (!kt || !pr || !ql || !vl) {
             failed = 1;
         } else {
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * H; bh++) {
                 const int64_t b = bh / H, h = bh % H;
-                const float *qb = q + b * q_strides[0] + h * q_strides[1];
+                const float *qs = q + b * q_strides[0] + h * q_strides[1];
                 const float *kb = k + b * k_strides[0] + h * k_strides[1];
-                const float *vb = v + b * v_strides[0] + h * v_strides[1];
-                for (int64_t j = 0; j < Sk8; j++)
+                const float *vs = v + b * v_strides[0] + h * v_strides[1];
+                for (int64_t i = 0; i < S; i++)
+                    for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(ql + i * D + c, _mm256_loadu_ps(qs + i * q_strides[2] + c));
+                for (int64_t j = 0; j < S_k; j++)
+                    for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(vl + j * D + c, _mm256_loadu_ps(vs + j * v_strides[2] + c));
+                const float *qb = ql, *vb = vl;
+                int64_t j0 = 0;
+                for (; j0 + 8 <= S_k; j0 += 8)
+                    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+                        __m256 r[8];
+                        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kb + (j0 + i) * k_strides[2] + d0);
+                        transpose8(r);
+                        for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (d0 + i) * Sk8 + j0, r[i]);
+                    }
+                for (int64_t j = j0; j < Sk8; j++)
                     for (int64_t d = 0; d < D; d++) kt[d * Sk8 + j] = j < S_k ? kb[j * k_strides[2] + d] : 0.0f;
                 for (int64_t i0 = 0; i0 < S; i0 += 4) {
                     const int64_t nr = S - i0 < 4 ? S - i0 : 4;
                     /* scores for rows i0..i0+nr-1: 4 rows x 16 keys per pass (8 FMA chains) */
                     const float *qr[4];
-                    for (int r = 0; r < 4; r++) qr[r] = qb + (i0 + (r < nr ? r : 0)) * q_strides[2];
+                    for (int r = 0; r < 4; r++) qr[r] = qb + (i0 + (r < nr ? r : 0)) * D;
                     for (int64_t j = 0; j < Sk8; j += 16) {
                         const int pair = j + 16 <= Sk8;
                         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -446,15 +461,52 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
                         float *out1 = two ? out + ((b * S + i0 + r + 1) * H + h) * D : out0;
                         const float *p0 = pr + r * Sk8, *p1 = two ? pr + (r + 1) * Sk8 : p0;
                         switch (nd) {
-                            case 4: pv_rows(p0, p1, vb, v_strides[2], S_k, out0, out1, 4); break;
-                            case 8: pv_rows(p0, p1, vb, v_strides[2], S_k, out0, out1, 8); break;
-                            default: pv_rows(p0, p1, vb, v_strides[2], S_k, out0, out1, nd); break;
+                            case 4: pv_rows(p0, p1, vb, D, S_k, out0, out1, 4); break;
+                            case 8: pv_rows(p0, p1, vb, D, S_k, out0, out1, 8); break;
+                            default: pv_rows(p0, p1, vb, D, S_k, out0, out1, nd); break;
                         }
                     }
                 }
             }
         }
-        free(kt), free(pr);
+        free(kt), free(pr), free(ql), free(vl);
     }
     return failed ? -1 : 0;
+}
+
+/* out = LayerNorm(x + residual) * gamma + beta, row by row (rows of n_cols floats). The
+ * transformer block's "add & norm" in one pass over memory instead of two torch ops. */
+int sb_add_layernorm(const float *x, const float *residual, const float *gamma, const float *beta,
+                     float eps, float *out, int64_t n_rows, int64_t n_cols, int threads) {
+    const int64_t nv = n_cols / 8 * 8;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * n_cols, *rr = residual + r * n_cols;
+        float *o = out + r * n_cols;
+        __m256 s = _mm256_setzero_ps();
+        float tail = 0.0f;
+        for (int64_t c = 0; c < nv; c += 8) {
+            const __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(rr + c));
+            _mm256_storeu_ps(o + c, v);
+            s = _mm256_add_ps(s, v);
+        }
+        for (int64_t c = nv; c < n_cols; c++) tail += (o[c] = xr[c] + rr[c]);
+        const float mean = (hsum8(s) + tail) / (float)n_cols;
+        const __m256 mv = _mm256_set1_ps(mean);
+        __m256 q = _mm256_setzero_ps();
+        tail = 0.0f;
+        for (int64_t c = 0; c < nv; c += 8) {
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(o + c), mv);
+            q = _mm256_fmadd_ps(d, d, q);
+        }
+        for (int64_t c = nv; c < n_cols; c++) tail += (o[c] - mean) * (o[c] - mean);
+        const float inv = 1.0f / sqrtf((hsum8(q) + tail) / (float)n_cols + eps);
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t c = 0; c < nv; c += 8) {
+            const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(o + c), mv), iv);
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(n, _mm256_loadu_ps(gamma + c), _mm256_loadu_ps(beta + c)));
+        }
+        for (int64_t c = nv; c < n_cols; c++) o[c] = (o[c] - mean) * inv * gamma[c] + beta[c];
+    }
+    return 0;
 }

@@ -63,7 +63,7 @@ def _build(cache: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)  # fmt: skip
         os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
     except subprocess.CalledProcessError as err:
@@ -84,6 +84,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     f32 = ctypes.c_float
     lib.sb_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, f32, p, i32]
     lib.sb_attention.restype = i32
+    lib.sb_add_layernorm.argtypes = [p, p, p, p, f32, p, i64, i64, i32]
+    lib.sb_add_layernorm.restype = i32
 
 
 def library() -> ctypes.CDLL | None:
@@ -164,4 +166,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
                           float(scale), out.data_ptr(), int(threads))  # fmt: skip
     if rc != 0:
         raise MemoryError("native attention kernel failed (scratch allocation or head width)")
+    return out
+
+
+def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  eps: float, threads: int) -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dimension; float32 CPU tensors of one shape."""
+    lib = library()
+    assert lib is not None
+    x, residual = x.contiguous(), residual.contiguous()
+    out = torch.empty_like(x)
+    n_cols = x.shape[-1]
+    lib.sb_add_layernorm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                         float(eps), out.data_ptr(), x.numel() // max(1, n_cols), n_cols,
+                         int(threads))  # fmt: skip
     return out

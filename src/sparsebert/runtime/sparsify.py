@@ -23,6 +23,7 @@ from torch import nn
 from sparsebert.errors import SparseBertError, check_sparsity
 from sparsebert.runtime import native
 from sparsebert.runtime.activation import FastGELU
+from sparsebert.runtime.add_norm import FusedAddNorm, is_output_block
 from sparsebert.runtime.attention import use_native_attention
 from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
 from sparsebert.runtime.sparse_linear import SparseLinear
@@ -49,6 +50,10 @@ FFN_PATTERNS = (
 """(first linear, activation, second linear) paths of a feed-forward block, per family."""
 
 
+SWAP_KINDS = ("gelu", "attention", "add-norm")
+"""Decisions that swap dense work for a faster dense kernel, not a sparse one."""
+
+
 @dataclass
 class Decision:
     """What happened to one unit (a linear, a shared-input group, a feed-forward block, or
@@ -73,7 +78,7 @@ class SparsifyReport:
     @property
     def n_sparse(self) -> int:
         """Units running on sparse kernels (not counting GELU / attention swaps)."""
-        return sum(d.sparse for d in self.decisions if d.kind not in ("gelu", "attention"))
+        return sum(d.sparse for d in self.decisions if d.kind not in SWAP_KINDS)
 
     def summary(self) -> str:
         """One line per unit: name, sparsity, choice and why."""
@@ -82,8 +87,9 @@ class SparsifyReport:
             times = ""
             if d.dense_ms is not None and d.sparse_ms is not None:
                 times = f" (dense {d.dense_ms:.2f} ms, sparse {d.sparse_ms:.2f} ms)"
-            if d.kind in ("gelu", "attention"):
-                choices = {"gelu": ("torch GELU", "FastGELU"), "attention": ("sdpa", "native kernel")}
+            if d.kind in SWAP_KINDS:
+                choices = {"gelu": ("torch GELU", "FastGELU"), "attention": ("sdpa", "native kernel"),
+                           "add-norm": ("torch", "native")}
                 choice = choices[d.kind][d.sparse]
                 lines.append(f"{d.name} [{d.kind}]: {choice}, {d.reason}{times}")
                 continue
@@ -306,6 +312,17 @@ def _decide_attention(model: nn.Module, policy: _Policy, report: SparsifyReport)
     if chosen:
         use_native_attention(model)
 
+
+def _fuse_add_norms(model: nn.Module, report: SparsifyReport) -> None:
+    """Output blocks (dense -> add residual -> LayerNorm) get the one-pass native add & norm;
+    not timed: it reads and writes the activations once instead of twice."""
+    if native.library() is None:
+        return
+    for name, module in list(model.named_modules()):
+        if is_output_block(module):
+            _set(model, name, FusedAddNorm(module.dense, module.LayerNorm))
+            report.decisions.append(Decision(name, "add-norm", 0.0, True, "one pass, not timed"))
+
 def _check_model(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.device.type != "cpu" or p.dtype != torch.float32:
@@ -362,4 +379,5 @@ def sparsify_for_inference(
             _decide_linear(model, name, policy, report)
             done.add(name)
     _decide_attention(model, policy, report)
+    _fuse_add_norms(model, report)
     return report
