@@ -1,16 +1,20 @@
 """The AVX2 kernels of ``kernels_avx2.c``: compiled on first use, loaded with ctypes.
 
+What is in it: the sparse products (`spmm`, the fused feed-forward block `ffn`), encoder
+attention (`attention`) and the residual add + LayerNorm of output blocks (`add_layernorm`).
+
 Why a C twin of the numba kernels: numba has no shuffle intrinsics, so the transposes of
-activations into and out of the 16-token tiles move one float at a time; in C they are 8x8
+activations into and out of the token tiles move one float at a time; in C they are 8x8
 register transposes. Same weight layout (`sparse_format.GroupedSparse`), same algorithm,
 same results to rounding.
 
-Why compiled on first use and not by ``pip install``: building a C extension at install
-time would need torch inside pip's isolated build environment (a multi-gigabyte CUDA wheel
-by default). The source is plain C (no Python or torch headers), so the system C compiler
-builds it in about a second; the shared library is cached per source hash in
-``$SPARSEBERT_CACHE`` (default ``~/.cache/sparsebert``). OpenMP in it binds to the libgomp
-torch has loaded, so torch ops and these kernels share one thread pool.
+Why compiled on first use and not by ``pip install``: the package stays pure Python, so
+one wheel or editable install works on any machine; the library is built on the CPU that
+runs it (AVX2 + FMA checked first); and a machine without a C compiler gets the numba
+kernels instead of a failed install. The source is plain C (no Python or torch headers):
+the system C compiler builds it in about a second, and the shared library is cached per
+source hash in ``$SPARSEBERT_CACHE`` (default ``~/.cache/sparsebert``). OpenMP in it binds to
+the libgomp torch has loaded, so torch ops and these kernels share one thread pool.
 
 When anything is missing (not x86-64 with AVX2 and FMA, no C compiler, a failed build) or
 ``SPARSEBERT_NATIVE=0``, `library` returns None once and for all and the numba kernels run.
