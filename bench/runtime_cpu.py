@@ -235,9 +235,14 @@ def render_markdown(data: dict) -> str:
         "to break even; at 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) the "
         "gain comes from the FFN2 / value / output matrices and from attention.",
         "",
-        "What would close the gap at 90% (not done): a better flop rate per stored weight. At "
-        "90% a row holds ~20 weights per input panel, so the per-row-group work (partial sums, "
-        "epilogue) weighs as much as the products; the 32-token tiles gained little there.",
+        "What limits the kernel (measured on this machine, 3.1 GHz, 2 FMA/cycle peak): its "
+        "inner loop alone, one index load, one weight broadcast and four 32-byte loads of "
+        "the token buffer feeding four FMAs per stored weight, runs at ~1 FMA per cycle "
+        "(1.35 ns per weight per 32-token tile), and in the model the kernel gets ~0.75 "
+        "(partial sums across panels, epilogues, transposes). Each activation vector is "
+        "loaded for one weight only: unstructured sparsity gives no two rows a shared input "
+        "to reuse a register across. Closing the gap to 3x at 90% needs that reuse "
+        "(e.g. rows grouped by shared inputs, or semi-structured patterns), not tuning.",
         "",
     ]
     return "\n".join(lines)
