@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import tiny_bert
 
 from sparsebert.runtime import native, sparsify_for_inference
 from sparsebert.runtime.attention import NAME, cpu_attention, use_native_attention
@@ -83,15 +83,8 @@ def test_falls_back_to_sdpa_when_autograd_or_odd_head_width_needs_it():
     assert torch.allclose(got, reference(q6, k6, v6, None), atol=1e-6)
 
 
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=2)  # fmt: skip
-    return BertForSequenceClassification(config).eval()
-
-
 def test_model_switch_gives_the_same_logits():
-    model = tiny_bert()
+    model = tiny_bert(intermediate=128, num_labels=2)
     fast = copy.deepcopy(model)
     assert use_native_attention(fast) and fast.config._attn_implementation == NAME
     mask = torch.ones(3, 30, dtype=torch.long)
@@ -103,7 +96,7 @@ def test_model_switch_gives_the_same_logits():
 
 
 def test_sparsify_reports_the_attention_decision():
-    model = tiny_bert()
+    model = tiny_bert(intermediate=128, num_labels=2)
     report = sparsify_for_inference(model, calibrate=False)
     decision = [d for d in report.decisions if d.kind == "attention"]
     assert len(decision) == 1 and decision[0].sparse

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import tiny_bert as shared_tiny_bert
+from transformers import BertForSequenceClassification
 
-from sparsebert.allocation import masks_from_scores
 from sparsebert.errors import SparseBertError
 from sparsebert.export import (
     COMPRESSED_FILE,
@@ -26,19 +26,7 @@ from sparsebert.targets import select_targets
 
 
 def tiny_bert(sparsity: float | None, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config).eval()
-    if sparsity is not None:
-        targets = select_targets(model, "encoder-linears")
-        masks = masks_from_scores({n: p.detach().abs() for n, p in targets.items()}, sparsity)
-        with torch.no_grad():
-            for name, p in targets.items():
-                p.masked_fill_(~masks[name], 0.0)
-    return model
+    return shared_tiny_bert(sparsity, seed, hidden=32, intermediate=64, num_labels=2)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,9 @@ import numba
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_bert
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
-from sparsebert.allocation import masks_from_scores
 from sparsebert.errors import SparseBertError
 from sparsebert.runtime import (
     FastGELU,
@@ -26,7 +25,6 @@ from sparsebert.runtime import (
 )
 from sparsebert.runtime.bench import benchmark_model, markdown_table, write_json, write_markdown
 from sparsebert.runtime.sparse_format import to_dense, to_grouped
-from sparsebert.targets import select_targets
 
 RTOL = 1e-4
 
@@ -177,21 +175,6 @@ def test_threads_follow_torch():
         assert torch.get_num_threads() == 1  # starting numba's pool must not change torch's
     finally:
         torch.set_num_threads(before)
-
-
-def tiny_bert(sparsity: float, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, max_position_embeddings=64, num_labels=3,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config).eval()
-    targets = select_targets(model, "encoder-linears")
-    masks = masks_from_scores({n: p.detach().abs() for n, p in targets.items()}, sparsity)
-    with torch.no_grad():
-        for name, p in targets.items():
-            p.masked_fill_(~masks[name], 0.0)
-    return model
 
 
 def random_batch(batch: int = 2, seq: int = 24, seed: int = 1) -> dict[str, torch.Tensor]:

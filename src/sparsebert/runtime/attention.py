@@ -27,7 +27,7 @@ NAME = "sparsebert_cpu"
 _registered = False
 
 
-def _bias(mask: torch.Tensor | None, query: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+def _bias(mask: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
     """The mask as an additive float32 (B|1, S|1, S_k) bias; (False, None) if unsupported."""
     if mask is None:
         return True, None
@@ -70,7 +70,7 @@ def cpu_attention(
         and d % 8 == 0 and d <= 256
     )  # fmt: skip
     if usable:
-        ok, bias = _bias(attention_mask, query)
+        ok, bias = _bias(attention_mask)
         if ok:
             scale = scaling if scaling is not None else d**-0.5
             return native.attention(query, key, value, bias, scale, torch.get_num_threads()), None

@@ -115,6 +115,14 @@ def usable(*matrices) -> bool:
     return library() is not None and all(m.indices.dtype == np.uint16 for m in matrices)
 
 
+def _check(rc: int, what: str) -> None:
+    """Kernel return codes: 0 ok, -1 scratch allocation failed, -2 unsupported argument."""
+    if rc == -1:
+        raise MemoryError(f"native {what} could not allocate its scratch buffers")
+    if rc != 0:
+        raise ValueError(f"native {what} rejected its arguments (code {rc}): this is a sparsebert bug")
+
+
 def lanes_for(n_tokens: int, threads: int) -> int:
     """32-token tiles when every thread still gets two of them, else 16."""
     return WIDE_LANES if n_tokens >= 2 * WIDE_LANES * max(1, threads) else 16
@@ -133,8 +141,7 @@ def spmm(x: torch.Tensor, m, bias: np.ndarray, act: int, out: torch.Tensor, thre
     assert lib is not None
     rc = lib.sb_spmm(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m, bias), int(act),
                      out.data_ptr(), out.shape[1], int(threads), int(lanes))  # fmt: skip
-    if rc != 0:
-        raise MemoryError("native sparse kernel could not allocate its scratch buffers")
+    _check(rc, "sparse kernel")
 
 
 def ffn(x: torch.Tensor, m1, b1: np.ndarray, m2, b2: np.ndarray, out: torch.Tensor, threads: int,
@@ -144,8 +151,7 @@ def ffn(x: torch.Tensor, m1, b1: np.ndarray, m2, b2: np.ndarray, out: torch.Tens
     assert lib is not None
     rc = lib.sb_ffn(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m1, b1), m1.shape[0],
                     *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads), int(lanes))  # fmt: skip
-    if rc != 0:
-        raise MemoryError("native sparse kernel could not allocate its scratch buffers")
+    _check(rc, "sparse kernel")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -168,8 +174,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     rc = lib.sb_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, s, s_k, d,
                           *(x.ctypes.data for x in strides), bias_ptr, bias_b, bias_i,
                           float(scale), out.data_ptr(), int(threads))  # fmt: skip
-    if rc != 0:
-        raise MemoryError("native attention kernel failed (scratch allocation or head width)")
+    _check(rc, "attention kernel")
     return out
 
 

@@ -286,7 +286,7 @@ def _decide_attention(model: nn.Module, policy: _Policy, report: SparsifyReport)
     faster than torch's sdpa on the calibration shape (sequences of 128)."""
     config = getattr(model, "config", None)
     heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
-    if not hasattr(config, "_attn_implementation") or not heads or native.library() is None:
+    if not hasattr(config, "_attn_implementation") or not heads or not hidden or native.library() is None:
         return
     d = hidden // heads
     if d % 8 or d > 256:
