@@ -143,11 +143,11 @@ class SparseFFN(nn.Module):
         threads = sync_threads()
         if -(-n_tok // kernels.LANES) < 2 * threads:
             hidden = torch.empty((n_tok, self.hidden_features), dtype=torch.float32)
-            run_spmm(x2, self.first.sparse, self.first.bias_sorted, kernels.ACT_GELU, hidden)
-            run_spmm(hidden, self.second.sparse, self.second.bias_sorted, kernels.ACT_NONE, out)
-        elif native.usable(self.first.sparse, self.second.sparse):
-            native.ffn(x2, self.first.sparse, self.first.bias_sorted, self.second.sparse,
-                       self.second.bias_sorted, out, torch.get_num_threads(),
+            run_spmm(x2, self.first, kernels.ACT_GELU, hidden)
+            run_spmm(hidden, self.second, kernels.ACT_NONE, out)
+        elif native.usable(self.first.rows, self.second.rows):
+            native.ffn(x2, self.first.rows, self.first.bias_natural, self.second.rows,
+                       self.second.bias_natural, out, torch.get_num_threads(),
                        native.lanes_for(n_tok, threads))  # fmt: skip
         else:
             a, b = self.first.sparse, self.second.sparse

@@ -5,8 +5,9 @@ attention (`attention`) and the residual add + LayerNorm of output blocks (`add_
 
 Why a C twin of the numba kernels: numba has no shuffle intrinsics, so the transposes of
 activations into and out of the token tiles move one float at a time; in C they are 8x8
-register transposes. Same weight layout (`sparse_format.GroupedSparse`), same algorithm,
-same results to rounding.
+register transposes, and the inner loop reads four weights and their indices with two
+wide loads. The C kernels read their own weight layout (`sparse_format.RowPanels`, no
+padding); same results as the numba kernels to rounding.
 
 Why compiled on first use and not by ``pip install``: the package stays pure Python, so
 one wheel or editable install works on any machine; the library is built on the CPU that
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from sparsebert.runtime.sparse_format import RowPanels
 
 logger = logging.getLogger("sparsebert")
 
@@ -80,7 +83,7 @@ def _build(cache: Path) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    matrix = [p, i64, i64, p, p, p, p]  # ptr, n_panels, n_groups, idx, val, perm, bias
+    matrix = [p, i64, p, p, p]  # ptr, n_panels, idx, val, bias
     lib.sb_spmm.argtypes = [p, i64, i64, *matrix, i32, p, i64, i32, i64]
     lib.sb_spmm.restype = i32
     lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32, i64]
@@ -110,9 +113,11 @@ def library() -> ctypes.CDLL | None:
     return _library  # type: ignore[return-value]
 
 
-def usable(*matrices) -> bool:
-    """Whether the native kernels can run these `GroupedSparse` matrices (uint16 indices)."""
-    return library() is not None and all(m.indices.dtype == np.uint16 for m in matrices)
+def usable(*matrices: RowPanels | None) -> bool:
+    """Whether the native kernels can run these matrices (built, and uint16 indices)."""
+    return library() is not None and all(
+        m is not None and m.indices.dtype == np.uint16 for m in matrices
+    )
 
 
 def _check(rc: int, what: str) -> None:
@@ -128,15 +133,15 @@ def lanes_for(n_tokens: int, threads: int) -> int:
     return WIDE_LANES if n_tokens >= 2 * WIDE_LANES * max(1, threads) else 16
 
 
-def _matrix(m, bias: np.ndarray) -> list:
-    return [m.ptr.ctypes.data, m.ptr.shape[0], m.ptr.shape[1] - 1, m.indices.ctypes.data,
-            m.values.ctypes.data, m.perm.ctypes.data, bias.ctypes.data]  # fmt: skip
+def _matrix(m: RowPanels, bias: np.ndarray) -> list:
+    return [m.ptr.ctypes.data, m.ptr.shape[0], m.indices.ctypes.data, m.values.ctypes.data,
+            bias.ctypes.data]  # fmt: skip
 
 
-def spmm(x: torch.Tensor, m, bias: np.ndarray, act: int, out: torch.Tensor, threads: int,
+def spmm(x: torch.Tensor, m: RowPanels, bias: np.ndarray, act: int, out: torch.Tensor, threads: int,
          lanes: int = 16) -> None:
-    """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors; ``lanes``:
-    tokens per tile, 16 or 32."""
+    """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors; ``b``: the
+    bias in natural row order (zeros for none); ``lanes``: tokens per tile, 16 or 32."""
     lib = library()
     assert lib is not None
     rc = lib.sb_spmm(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m, bias), int(act),
@@ -144,7 +149,7 @@ def spmm(x: torch.Tensor, m, bias: np.ndarray, act: int, out: torch.Tensor, thre
     _check(rc, "sparse kernel")
 
 
-def ffn(x: torch.Tensor, m1, b1: np.ndarray, m2, b2: np.ndarray, out: torch.Tensor, threads: int,
+def ffn(x: torch.Tensor, m1: RowPanels, b1: np.ndarray, m2: RowPanels, b2: np.ndarray, out: torch.Tensor, threads: int,
         lanes: int = 16) -> None:
     """``out = W2 gelu(W1 x + b1) + b2``, fused per token tile."""
     lib = library()

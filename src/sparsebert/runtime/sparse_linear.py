@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from sparsebert.runtime import kernels, native
-from sparsebert.runtime.sparse_format import GroupedSparse, default_panel, to_dense, to_grouped
+from sparsebert.runtime.sparse_format import (
+    GroupedSparse,
+    RowPanels,
+    default_panel,
+    to_dense,
+    to_grouped,
+    to_row_panels,
+)
 
 ACTIVATIONS = {None: kernels.ACT_NONE, "gelu": kernels.ACT_GELU}
 """Activations the kernel can fuse into its output store (``gelu`` = exact, erf-based)."""
@@ -57,30 +64,31 @@ def as_matrix(x: torch.Tensor, n_in: int, what: str) -> torch.Tensor:
     return x2
 
 
-def run_spmm(
-    x2: torch.Tensor, sparse: GroupedSparse, bias: np.ndarray, act: int, out: torch.Tensor
-) -> None:
+def run_spmm(x2: torch.Tensor, linear: SparseLinear, act: int, out: torch.Tensor) -> None:
     """``out = act(x2 @ W.T + b)`` on torch's thread count: the native AVX2 kernel when it is
     available and there are enough token tiles for every thread, else the numba kernel."""
     if x2.shape[0] == 0:
         return
     threads = sync_threads()
+    sparse = linear.sparse
     chunks = work_chunks(x2.shape[0], sparse.n_groups, threads)
-    if chunks == 1 and native.usable(sparse):
-        native.spmm(x2, sparse, bias, act, out, torch.get_num_threads(),
+    if chunks == 1 and native.usable(linear.rows):
+        native.spmm(x2, linear.rows, linear.bias_natural, act, out, torch.get_num_threads(),
                     native.lanes_for(x2.shape[0], threads))  # fmt: skip
         return
     with kernels.vector_codegen():
         kernels.spmm(
-            x2.numpy(), sparse.ptr, sparse.indices, sparse.values, sparse.perm, bias,
-            act, chunks, threads, out.numpy(),
+            x2.numpy(), sparse.ptr, sparse.indices, sparse.values, sparse.perm,
+            linear.bias_sorted, act, chunks, threads, out.numpy(),
         )  # fmt: skip
 
 
 class SparseLinear(nn.Module):
-    """``y = act(x @ W.T + b)`` with ``W`` stored sparse and multiplied by a numba kernel.
+    """``y = act(x @ W.T + b)`` with ``W`` stored sparse and multiplied by a sparse kernel.
 
-    Inference only: the weight is a converted copy (no parameters, no gradients), and the
+    The weight is kept in two layouts: `GroupedSparse` for the numba kernels (always: they
+    also serve inputs too small to give every thread a token tile) and `RowPanels` for the
+    native AVX2 kernels when those are built. Inference only: the weight is a converted copy (no parameters, no gradients), and the
     forward pass refuses to run while autograd is recording. Any leading batch dimensions
     are kept, (..., in) -> (..., out); batch 1, empty rows and fully dense rows all work.
     """
@@ -98,12 +106,25 @@ class SparseLinear(nn.Module):
                 f"unsupported fused activation {activation!r}: use one of {list(ACTIVATIONS)}"
             )
         w = weight.detach().to("cpu", torch.float32).numpy()
-        if panel is None:  # panels sized for the token tiles of the kernel that will run
-            panel = default_panel(w.shape[1], native.WIDE_LANES if native.library() else kernels.LANES)
-        self.sparse: GroupedSparse = to_grouped(w, panel=panel)
+        # Panels sized for the token tiles of each kernel (16 lanes numba, 32 native).
+        self.sparse: GroupedSparse = to_grouped(
+            w, panel=default_panel(w.shape[1], kernels.LANES) if panel is None else panel
+        )
+        self.rows: RowPanels | None = None
+        if native.library() is not None:
+            density = np.count_nonzero(w) / w.size
+            self.rows = to_row_panels(
+                w,
+                panel=default_panel(w.shape[1], native.WIDE_LANES, density)
+                if panel is None
+                else panel,
+            )
         self.out_features, self.in_features = w.shape
         b = None if bias is None else bias.detach().to("cpu", torch.float32).numpy()
         self.bias_sorted = self.sparse.sorted_bias(b)
+        self.bias_natural = (
+            np.zeros(self.out_features, np.float32) if b is None else np.ascontiguousarray(b)
+        )
         self.has_bias = bias is not None
         self.activation = activation
 
@@ -141,5 +162,5 @@ class SparseLinear(nn.Module):
         check_inference(x, "SparseLinear")
         x2 = as_matrix(x, self.in_features, "SparseLinear")
         out = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
-        run_spmm(x2, self.sparse, self.bias_sorted, ACTIVATIONS[self.activation], out)
+        run_spmm(x2, self, ACTIVATIONS[self.activation], out)
         return out.reshape(*x.shape[:-1], self.out_features)
