@@ -149,8 +149,8 @@ def spmm(x: torch.Tensor, m: RowPanels, bias: np.ndarray, act: int, out: torch.T
     _check(rc, "sparse kernel")
 
 
-def ffn(x: torch.Tensor, m1: RowPanels, b1: np.ndarray, m2: RowPanels, b2: np.ndarray, out: torch.Tensor, threads: int,
-        lanes: int = 16) -> None:
+def ffn(x: torch.Tensor, m1: RowPanels, b1: np.ndarray, m2: RowPanels, b2: np.ndarray,
+        out: torch.Tensor, threads: int, lanes: int = 16) -> None:
     """``out = W2 gelu(W1 x + b1) + b2``, fused per token tile."""
     lib = library()
     assert lib is not None

@@ -88,9 +88,10 @@ class SparseLinear(nn.Module):
 
     The weight is kept in two layouts: `GroupedSparse` for the numba kernels (always: they
     also serve inputs too small to give every thread a token tile) and `RowPanels` for the
-    native AVX2 kernels when those are built. Inference only: the weight is a converted copy (no parameters, no gradients), and the
-    forward pass refuses to run while autograd is recording. Any leading batch dimensions
-    are kept, (..., in) -> (..., out); batch 1, empty rows and fully dense rows all work.
+    native AVX2 kernels when those are built. Inference only: the weight is a converted copy
+    (no parameters, no gradients), and the forward pass refuses to run while autograd is
+    recording. Any leading batch dimensions are kept, (..., in) -> (..., out); batch 1,
+    empty rows and fully dense rows all work.
     """
 
     def __init__(
