@@ -55,6 +55,28 @@ def test_matches_sdpa(b, s, h, d, mask_kind):
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize(("s", "d"), [(1, 8), (7, 24), (13, 40), (20, 48), (9, 96), (5, 136), (300, 32)])
+def test_every_head_width_and_chunking_path(s, d):
+    # head widths: register-blocked specialisations (8 .. 96) and the generic path (40, 136);
+    # 300 queries: the score rows are processed in two chunks
+    q, k, v = projections(2, s, 3, d, seed=s)
+    keep = torch.ones(2, 1, 1, s, dtype=torch.bool)
+    keep[0, ..., s // 2 + 1:] = False
+    with torch.inference_mode():
+        got, _ = cpu_attention(_Module(), q, k, v, keep, scaling=d**-0.5)
+        ref = reference(q, k, v, keep)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_fewer_keys_than_queries():
+    q = projections(2, 11, 2, 16, seed=1)[0]
+    _, k, v = projections(2, 5, 2, 16, seed=2)
+    with torch.inference_mode():
+        got = native.attention(q, k, v, None, 0.25, 2)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 def test_scaling_is_applied():
     q, k, v = projections(2, 20, 2, 8)
     with torch.inference_mode():

@@ -24,7 +24,13 @@ from sparsebert.runtime import (
     sparsify_for_inference,
 )
 from sparsebert.runtime.bench import benchmark_model, markdown_table, write_json, write_markdown
-from sparsebert.runtime.sparse_format import to_dense, to_grouped
+from sparsebert.runtime.sparse_format import (
+    default_panel,
+    row_panels_to_dense,
+    to_dense,
+    to_grouped,
+    to_row_panels,
+)
 
 RTOL = 1e-4
 
@@ -123,6 +129,42 @@ def test_grouped_format_round_trip():
         sparse = to_grouped(w, panel=panel)
         np.testing.assert_array_equal(to_dense(sparse), w)
         assert sparse.nnz == np.count_nonzero(w)
+
+
+def test_row_panel_format_round_trip():
+    w = sparse_weight(33, 70, 0.9).numpy()
+    w[3] = 0.0  # an empty row
+    w[5] = 1.5  # a dense row
+    for panel in (None, 16, 1, 70):
+        sparse = to_row_panels(w, panel=panel)
+        np.testing.assert_array_equal(row_panels_to_dense(sparse), w)
+        assert sparse.nnz == np.count_nonzero(w) and sparse.indices.dtype == np.uint16
+    wide = np.zeros((2, 70000), np.float32)
+    wide[1, 69999] = 2.0
+    assert to_row_panels(wide).indices.dtype == np.uint32  # too wide for uint16 indices
+
+
+def test_default_panel_widens_for_very_sparse_rows():
+    assert default_panel(1536, 32) == 192  # L1-sized: 192 features x 32 tokens x 4 bytes
+    assert default_panel(1536, 32, density=0.03) == 512  # ~16 entries per row and panel
+    assert default_panel(384, 32, density=0.5) == 192
+
+
+@pytest.mark.parametrize("tokens", [40, 200])  # 16- and 32-token tiles (on up to 3 threads)
+def test_rows_of_every_length_in_every_panel(tokens, backend):
+    # rows with 0..8 entries per 8-feature panel: the 4-entry blocks and every tail length
+    gen = np.random.default_rng(3)
+    w = np.zeros((48, 32), np.float32)
+    for r in range(48):
+        for p in range(4):
+            cols = gen.choice(8, size=min(8, (r + p) % 12), replace=False) + 8 * p
+            w[r, cols] = gen.standard_normal(cols.size)
+    w = torch.from_numpy(w)
+    b = torch.randn(48)
+    x = torch.randn(tokens, 32)
+    with torch.no_grad():
+        got = SparseLinear(w, b, panel=8)(x)
+    assert_close(got, x @ w.T + b)
 
 
 def test_to_linear_round_trip():
