@@ -230,8 +230,9 @@ static float *scratch(int64_t floats) {
 
 /* out = act(x @ W.T + b); x: (n_tok, n_in), out: (n_tok, n_out), both row-major float32;
  * W: n_out rows of n_panels panels (ptr: n_panels x (n_out + 1) entry offsets).
- * Work: contiguous runs of `lanes`-token tiles (16 or 32) per thread. Returns 0, -1 if out
- * of memory, -2 for an unsupported tile width. */
+ * Work: `lanes`-token tiles (16 or 32) handed out one at a time (dynamic: a thread slowed
+ * by other load on a shared machine takes fewer). Returns 0, -1 if out of memory, -2 for
+ * an unsupported tile width. */
 int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, int64_t n_panels,
             const uint16_t *idx, const float *val, const float *bias, int act, float *out,
             int64_t n_out, int threads, int64_t lanes) {
@@ -241,18 +242,17 @@ int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, in
     int failed = 0;
 #pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
     {
-        const int w = omp_get_thread_num(), nw = omp_get_num_threads();
         float *buf = scratch(n_in * lanes), *obuf = scratch(n_out * lanes);
         float *part = scratch(n_out * lanes);
-        if (!buf || !obuf || !part) {
-            failed = 1;
-        } else {
-            for (int64_t t = w * n_tiles / nw; t < (w + 1) * n_tiles / nw; t++) {
-                const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
-                pack(x, n_in, t0, nt, buf, lanes);
-                run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, part, lanes);
-                unpack(obuf, n_out, out, t0, nt, lanes);
-            }
+        const int ok = buf && obuf && part;
+        failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            if (!ok) continue;
+            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
+            pack(x, n_in, t0, nt, buf, lanes);
+            run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, part, lanes);
+            unpack(obuf, n_out, out, t0, nt, lanes);
         }
         free(buf), free(obuf), free(part);
     }
@@ -272,20 +272,19 @@ int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
     int failed = 0;
 #pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
     {
-        const int w = omp_get_thread_num(), nw = omp_get_num_threads();
         float *buf = scratch(n_in * lanes), *hidden = scratch(n_hidden * lanes);
         float *part1 = scratch(n_hidden * lanes), *part2 = scratch(n_out * lanes);
         float *obuf = scratch(n_out * lanes);
-        if (!buf || !hidden || !part1 || !part2 || !obuf) {
-            failed = 1;
-        } else {
-            for (int64_t t = w * n_tiles / nw; t < (w + 1) * n_tiles / nw; t++) {
-                const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
-                pack(x, n_in, t0, nt, buf, lanes);
-                run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, part1, lanes);
-                run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, part2, lanes);
-                unpack(obuf, n_out, out, t0, nt, lanes);
-            }
+        const int ok = buf && hidden && part1 && part2 && obuf;
+        failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            if (!ok) continue;
+            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
+            pack(x, n_in, t0, nt, buf, lanes);
+            run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, part1, lanes);
+            run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, part2, lanes);
+            unpack(obuf, n_out, out, t0, nt, lanes);
         }
         free(buf), free(hidden), free(part1), free(part2), free(obuf);
     }
@@ -522,6 +521,8 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
     /* query rows per chunk: scores of at most ~256 KiB per thread, whole blocks of QROWS */
     const int64_t fit = (65536 / Sk8) / QROWS * QROWS;
     const int64_t chunk = fit < QROWS ? QROWS : (fit < S ? fit : S);
+    const int64_t per = B * H / (4 * (threads > 0 ? threads : 1));
+    const int64_t grab = per < 1 ? 1 : (per < H ? per : H);
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
     {
@@ -529,54 +530,56 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
         float *pr = scratch(chunk * Sk8);    /* scores / probabilities of a chunk of query rows */
         float *inv = scratch(chunk);         /* 1 / softmax sum per row of the chunk */
         float *vl = scratch(S_k * D);        /* this head's v rows, contiguous */
-        if (!kt || !pr || !inv || !vl) {
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < B * H; bh++) {
-                const int64_t b = bh / H, h = bh % H;
-                const float *qs = q + b * q_strides[0] + h * q_strides[1];
-                const float *kb = k + b * k_strides[0] + h * k_strides[1];
-                const float *vs = v + b * v_strides[0] + h * v_strides[1];
-                if (bh + 1 < B * H) { /* the next head's rows into L2 while this one computes */
-                    const int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
-                    prefetch_rows(q + b1 * q_strides[0] + h1 * q_strides[1], q_strides[2], S, D);
-                    prefetch_rows(k + b1 * k_strides[0] + h1 * k_strides[1], k_strides[2], S_k, D);
-                    prefetch_rows(v + b1 * v_strides[0] + h1 * v_strides[1], v_strides[2], S_k, D);
+        const int ok = kt && pr && inv && vl;
+        failed |= !ok;
+        /* Dynamic scheduling (up to a batch row's H heads per grab, at least ~4 grabs per
+         * thread): on a shared machine one thread can run slower than the other, and static
+         * halves would wait for it. The prefetch of the next head stays within the grab. */
+#pragma omp for schedule(dynamic, grab)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!ok) continue;
+            const int64_t b = bh / H, h = bh % H;
+            const float *qs = q + b * q_strides[0] + h * q_strides[1];
+            const float *kb = k + b * k_strides[0] + h * k_strides[1];
+            const float *vs = v + b * v_strides[0] + h * v_strides[1];
+            if ((bh + 1) % grab != 0 && bh + 1 < B * H) { /* next head's rows into L2 meanwhile */
+                const int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
+                prefetch_rows(q + b1 * q_strides[0] + h1 * q_strides[1], q_strides[2], S, D);
+                prefetch_rows(k + b1 * k_strides[0] + h1 * k_strides[1], k_strides[2], S_k, D);
+                prefetch_rows(v + b1 * v_strides[0] + h1 * v_strides[1], v_strides[2], S_k, D);
+            }
+            for (int64_t j = 0; j < S_k; j++)
+                for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(vl + j * D + c, _mm256_loadu_ps(vs + j * v_strides[2] + c));
+            int64_t j0 = 0;
+            for (; j0 + 8 <= S_k; j0 += 8)
+                for (int64_t d0 = 0; d0 < D; d0 += 8) {
+                    __m256 r[8];
+                    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kb + (j0 + i) * k_strides[2] + d0);
+                    transpose8(r);
+                    for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (d0 + i) * Sk8 + j0, r[i]);
                 }
-                for (int64_t j = 0; j < S_k; j++)
-                    for (int64_t c = 0; c < D; c += 8) _mm256_storeu_ps(vl + j * D + c, _mm256_loadu_ps(vs + j * v_strides[2] + c));
-                int64_t j0 = 0;
-                for (; j0 + 8 <= S_k; j0 += 8)
-                    for (int64_t d0 = 0; d0 < D; d0 += 8) {
-                        __m256 r[8];
-                        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kb + (j0 + i) * k_strides[2] + d0);
-                        transpose8(r);
-                        for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (d0 + i) * Sk8 + j0, r[i]);
-                    }
-                for (int64_t j = j0; j < Sk8; j++)
-                    for (int64_t d = 0; d < D; d++) kt[d * Sk8 + j] = j < S_k ? kb[j * k_strides[2] + d] : 0.0f;
-                /* Phases over a chunk of query rows (all rows for short sequences): scores,
-                 * softmax, then p @ v. Interleaving them per block of rows made the
-                 * transposed keys and the values (16 KiB each at S = 128, D = 32) compete
-                 * for L1 and cost ~2x; phase by phase each stays in L1 while the scores
-                 * stream through L2. */
-                for (int64_t c0 = 0; c0 < S; c0 += chunk) {
-                    const int64_t nc = S - c0 < chunk ? S - c0 : chunk;
-                    for (int64_t i0 = 0; i0 < nc; i0 += QROWS) {
-                        const int nr = nc - i0 < QROWS ? (int)(nc - i0) : QROWS;
-                        QK_ROWS[nr](qs + (c0 + i0) * q_strides[2], q_strides[2], D, kt, Sk8, pr + i0 * Sk8);
-                    }
-                    for (int64_t i = 0; i < nc; i++) {
-                        const float *brow = bias ? bias + b * bias_b + (c0 + i) * bias_i : NULL;
-                        inv[i] = softmax_row(pr + i * Sk8, brow, scale, S_k, Sk8);
-                    }
-                    for (int64_t i0 = 0; i0 < nc; i0 += pv_rows) {
-                        const int n = nc - i0 < pv_rows ? (int)(nc - i0) : pv_rows;
-                        float *outs[6];
-                        for (int r = 0; r < n; r++) outs[r] = out + ((b * S + c0 + i0 + r) * H + h) * D;
-                        pv_any(pr + i0 * Sk8, Sk8, vl, S_k, nd, outs, inv + i0, n);
-                    }
+            for (int64_t j = j0; j < Sk8; j++)
+                for (int64_t d = 0; d < D; d++) kt[d * Sk8 + j] = j < S_k ? kb[j * k_strides[2] + d] : 0.0f;
+            /* Phases over a chunk of query rows (all rows for short sequences): scores,
+             * softmax, then p @ v. Interleaving them per block of rows made the
+             * transposed keys and the values (16 KiB each at S = 128, D = 32) compete
+             * for L1 and cost ~2x; phase by phase each stays in L1 while the scores
+             * stream through L2. */
+            for (int64_t c0 = 0; c0 < S; c0 += chunk) {
+                const int64_t nc = S - c0 < chunk ? S - c0 : chunk;
+                for (int64_t i0 = 0; i0 < nc; i0 += QROWS) {
+                    const int nr = nc - i0 < QROWS ? (int)(nc - i0) : QROWS;
+                    QK_ROWS[nr](qs + (c0 + i0) * q_strides[2], q_strides[2], D, kt, Sk8, pr + i0 * Sk8);
+                }
+                for (int64_t i = 0; i < nc; i++) {
+                    const float *brow = bias ? bias + b * bias_b + (c0 + i) * bias_i : NULL;
+                    inv[i] = softmax_row(pr + i * Sk8, brow, scale, S_k, Sk8);
+                }
+                for (int64_t i0 = 0; i0 < nc; i0 += pv_rows) {
+                    const int n = nc - i0 < pv_rows ? (int)(nc - i0) : pv_rows;
+                    float *outs[6];
+                    for (int r = 0; r < n; r++) outs[r] = out + ((b * S + c0 + i0 + r) * H + h) * D;
+                    pv_any(pr + i0 * Sk8, Sk8, vl, S_k, nd, outs, inv + i0, n);
                 }
             }
         }
