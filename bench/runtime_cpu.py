@@ -165,6 +165,22 @@ def _summary(data: dict) -> list[str]:
     return lines
 
 
+def _where_time_goes(data: dict) -> list[str]:
+    """The time split at 90%, batch 16, from the run's own hook measurement."""
+    share = data.get("sparse_time_share", {}).get("0.9", {}).get("16x128")
+    if not share:
+        return []
+    return [
+        f"Where the time goes at 90%, batch 16 x 128 (medians of hooked passes): the sparse "
+        f"kernels {share['sparse_kernels_ms']:.0f} ms, the rest of the model "
+        f"{share['rest_ms']:.0f} ms (attention, add & norm, embeddings, Python). The sparse "
+        "kernel's inner loop alone reaches ~1.6 FMA per cycle (of 2) on this machine; in the "
+        "model the 97%-sparse matrices that global allocation makes of V, the attention "
+        "output and FFN2 reach less (~6-20 entries per row and panel, so the per-row costs "
+        "weigh), the ~73%-sparse Q and K more.",
+    ]
+
+
 def render_markdown(data: dict) -> str:
     machine, settings, ck = data["machine"], data["settings"], data["checkpoint"]
     mb = 1024 * 1024
@@ -185,9 +201,10 @@ def render_markdown(data: dict) -> str:
         f"{settings.get('onnxruntime_graph')}.",
         "",
         "Encoder linears (Q, K, V, attention output, both FFN matrices) magnitude-pruned with "
-        f"{data['allocation']} allocation; embeddings, attention (torch sdpa), layer norms and "
-        "the head stay dense. `vs best dense` = the faster of PyTorch and ONNX Runtime at the "
-        "same shape in the same run, divided by this runtime's median.",
+        f"{data['allocation']} allocation; embeddings, attention, layer norms and the head "
+        "stay dense (attention and add & norm run through native dense kernels). `vs best "
+        "dense` = the faster of PyTorch and ONNX Runtime at the same shape in the same run, "
+        "divided by this runtime's median.",
         "",
         "## Summary",
         "",
@@ -208,41 +225,30 @@ def render_markdown(data: dict) -> str:
         "",
         "## How, and why the goals are (not) met",
         "",
-        "Each pruned matrix is stored as sorted, 4-row interleaved groups of (uint16 index, "
-        "fp32 value) entries; a kernel multiplies it by 32-token tiles of the activations "
-        "held transposed in L1 (four AVX2 registers per row, two rows at a time: 8 FMA "
-        "chains, 4 FMAs per index and weight load; 16-token tiles for small inputs), with "
-        "Q/K/V run as one matrix and each feed-forward block (FFN1 -> exact GELU -> FFN2) "
-        "fused per token tile. The kernels are C with AVX2 intrinsics (8x8 register "
-        "transposes into and out of the tiles), compiled on first use; numba versions of the "
-        "same kernels run where no C compiler is found. Attention runs through a native "
-        "kernel too (registered with transformers' attention interface; whole 128 x 128 "
-        "score blocks per head, register-blocked), about 1.8x faster than torch's CPU flash "
-        "attention at head width 32, and so do the residual add + LayerNorm of each output "
-        "block (one pass): dense work, counted in the rest of the model below, not in the "
-        "sparse kernels. Each unit (Q/K/V group, attention output, FFN "
-        "block, single linear, attention) is timed against its dense PyTorch counterpart on "
-        "the benchmark shape before it is swapped in, and stays dense unless the swap is at "
+        "Each pruned matrix is stored as panels of input features (a panel's slice of the "
+        "token buffer fits in L1), and within a panel one run of (uint16 index, fp32 value) "
+        "entries per output row, with no padding. A C kernel (AVX2 + FMA, compiled on first "
+        "use; numba versions run where no C compiler is found) transposes 32 tokens of the "
+        "activations into that buffer (8x8 register transposes) and computes every row "
+        "over them: four registers per row, entries split between two accumulator sets (8 "
+        "independent FMA chains), and entries read four at a time, one 64-bit load for four "
+        "indices and one 128-bit broadcast for four weights spread by in-register permutes. "
+        "That is 4.5 loads per 4 FMAs instead of 6; the core's two 256-bit load ports, not "
+        "its FMA units, are the limit of a sparse-times-dense product, because each loaded "
+        "activation vector serves one weight only. Very sparse matrices get wider panels (at "
+        "least ~16 entries per row and panel), since their per-row costs (partial sums, "
+        "loop exits) outweigh L1 residency. Q/K/V run as one matrix, each feed-forward block "
+        "(FFN1 -> exact GELU -> FFN2) is fused per token tile, and token tiles are handed "
+        "to threads dynamically. Attention has a native kernel (through transformers' "
+        "attention interface): 6 x 16 register blocks of scores, softmax, then 3-row blocks "
+        "of probabilities x values, phase by phase so keys and values each stay in L1, with "
+        "the next head's rows prefetched; and so does the residual add + LayerNorm of each "
+        "output block (one pass). Each unit (Q/K/V group, attention output, FFN block, "
+        "single linear, attention) is timed against its dense PyTorch counterpart on the "
+        "benchmark shape before it is swapped in, and stays dense unless the swap is at "
         "least 5% faster.",
         "",
-        "Where the time goes at batch 16 x 128 (last column of the summary): at 90% the "
-        "sparse kernels take about 95 ms (Q/K/V ~35, FFN ~45, attention output ~7: global "
-        "allocation leaves Q and K only ~80% sparse) and the rest of the model about 60 ms "
-        "(attention ~30, add & norm, embeddings, Python). For 3x the whole model "
-        "must run in a third of ONNX Runtime's time, ~125 ms. The sparse kernel is "
-        "at about a third of dense GEMM's flop rate per stored weight (index and weight "
-        "loads, random rows of the token buffer), so a matrix has to be roughly 45-50% sparse "
-        "to break even; at 50% global sparsity (Q/K and FFN1 end up 30-45% sparse) the "
-        "gain comes from the FFN2 / value / output matrices and from attention.",
-        "",
-        "What limits the kernel (measured on this machine, 3.1 GHz, 2 FMA/cycle peak): its "
-        "inner loop alone, one index load, one weight broadcast and four 32-byte loads of "
-        "the token buffer feeding four FMAs per stored weight, runs at ~1 FMA per cycle "
-        "(1.35 ns per weight per 32-token tile), and in the model the kernel gets ~0.75 "
-        "(partial sums across panels, epilogues, transposes). Each activation vector is "
-        "loaded for one weight only: unstructured sparsity gives no two rows a shared input "
-        "to reuse a register across. Closing the gap to 3x at 90% needs that reuse "
-        "(e.g. rows grouped by shared inputs, or semi-structured patterns), not tuning.",
+        *_where_time_goes(data),
         "",
     ]
     return "\n".join(lines)

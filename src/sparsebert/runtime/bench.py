@@ -240,12 +240,14 @@ def benchmark_model(
 SPARSE_MODULES = ("SparseLinear", "GroupSlice", "SparseFFN")
 
 
-def sparse_time_share(model: nn.Module, feeds: Mapping[str, torch.Tensor], runs: int = 5) -> dict:
+def sparse_time_share(model: nn.Module, feeds: Mapping[str, torch.Tensor], runs: int = 7) -> dict:
     """Where a sparsified model's time goes: its sparse kernels vs everything else.
 
     Forward hooks time the sparse modules (`SPARSE_MODULES`) during ``runs`` forward passes
     in a row (steady state); the rest (attention, layer norms, embeddings, dense layers) is
-    what sparsity cannot speed up. Returns milliseconds per forward pass.
+    what sparsity cannot speed up. Returns the medians over the passes, in milliseconds per
+    forward pass (medians: one pass disturbed by other load on a shared machine does not
+    skew the split).
     """
     spent, starts = [0.0], {}
 
@@ -260,20 +262,22 @@ def sparse_time_share(model: nn.Module, feeds: Mapping[str, torch.Tensor], runs:
         if type(module).__name__ in SPARSE_MODULES:
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after))
+    totals, kernels = [], []
     try:
         with torch.inference_mode():
             model(**feeds)
-            spent[0] = 0.0
-            start = time.perf_counter()
-            for _ in range(runs):
+            for _ in range(max(1, runs)):
+                spent[0] = 0.0
+                start = time.perf_counter()
                 model(**feeds)
-            total = (time.perf_counter() - start) / runs
+                totals.append(time.perf_counter() - start)
+                kernels.append(spent[0])
     finally:
         for h in handles:
             h.remove()
-    kernels = spent[0] / runs
-    return {"total_ms": total * 1e3, "sparse_kernels_ms": kernels * 1e3,
-            "rest_ms": (total - kernels) * 1e3}  # fmt: skip
+    total, kernel = statistics.median(totals), statistics.median(kernels)
+    return {"total_ms": total * 1e3, "sparse_kernels_ms": kernel * 1e3,
+            "rest_ms": (total - kernel) * 1e3}  # fmt: skip
 
 
 def _describe(source: Any, model: nn.Module) -> str:

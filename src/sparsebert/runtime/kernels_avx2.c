@@ -561,9 +561,8 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
             for (int64_t j = j0; j < Sk8; j++)
                 for (int64_t d = 0; d < D; d++) kt[d * Sk8 + j] = j < S_k ? kb[j * k_strides[2] + d] : 0.0f;
             /* Phases over a chunk of query rows (all rows for short sequences): scores,
-             * softmax, then p @ v. Interleaving them per block of rows made the
-             * transposed keys and the values (16 KiB each at S = 128, D = 32) compete
-             * for L1 and cost ~2x; phase by phase each stays in L1 while the scores
+             * softmax, then p @ v, so that the transposed keys and the values (16 KiB
+             * each at S = 128, D = 32) do not compete for L1 within a phase; the scores
              * stream through L2. */
             for (int64_t c0 = 0; c0 < S; c0 += chunk) {
                 const int64_t nc = S - c0 < chunk ? S - c0 : chunk;
