@@ -274,19 +274,20 @@ int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, in
     int failed = 0;
 #pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
     {
+        /* Partial sums and finished rows share one buffer: a row's partial sum is read
+         * before its result overwrites it, and the tile's footprint in L2 shrinks. */
         float *buf = scratch(n_in * lanes), *obuf = scratch(n_out * lanes);
-        float *part = scratch(n_out * lanes);
-        const int ok = buf && obuf && part;
+        const int ok = buf && obuf;
         failed |= !ok;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_tiles; t++) {
             if (!ok) continue;
             const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
             pack(x, n_in, t0, nt, buf, lanes);
-            run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, part, lanes);
+            run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, obuf, lanes);
             unpack(obuf, n_out, out, t0, nt, lanes);
         }
-        free(buf), free(obuf), free(part);
+        free(buf), free(obuf);
     }
     return failed ? -1 : 0;
 }
@@ -304,21 +305,21 @@ int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
     int failed = 0;
 #pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
     {
+        /* hidden and obuf also hold their matrix's partial sums (see sb_spmm) */
         float *buf = scratch(n_in * lanes), *hidden = scratch(n_hidden * lanes);
-        float *part1 = scratch(n_hidden * lanes), *part2 = scratch(n_out * lanes);
         float *obuf = scratch(n_out * lanes);
-        const int ok = buf && hidden && part1 && part2 && obuf;
+        const int ok = buf && hidden && obuf;
         failed |= !ok;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_tiles; t++) {
             if (!ok) continue;
             const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
             pack(x, n_in, t0, nt, buf, lanes);
-            run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, part1, lanes);
-            run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, part2, lanes);
+            run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, hidden, lanes);
+            run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, obuf, lanes);
             unpack(obuf, n_out, out, t0, nt, lanes);
         }
-        free(buf), free(hidden), free(part1), free(part2), free(obuf);
+        free(buf), free(hidden), free(obuf);
     }
     return failed ? -1 : 0;
 }
