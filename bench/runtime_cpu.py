@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runtimes", nargs="+", default=["torch", "sparse", "onnxruntime"])
     p.add_argument("--out-dir", type=Path, default=ROOT / "results")
