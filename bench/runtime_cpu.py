@@ -198,7 +198,8 @@ def render_markdown(data: dict) -> str:
         f"{settings['warmup']} warm-up runs; each timed run follows an idle "
         f"{settings.get('settle_s', 0)} s and an untimed run of the same runtime (steady "
         "state). ONNX Runtime graph: "
-        f"{settings.get('onnxruntime_graph')}.",
+        f"{settings.get('onnxruntime_graph')}. Allocator: {settings.get('malloc', 'system default')}"
+        " (freed memory kept for reuse, for every runtime alike).",
         "",
         "Encoder linears (Q, K, V, attention output, both FFN matrices) magnitude-pruned with "
         f"{data['allocation']} allocation; embeddings, attention, layer norms and the head "

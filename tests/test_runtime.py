@@ -289,12 +289,40 @@ def test_benchmark_model_and_writers(tmp_path):
         assert r["median_ms"] > 0 and r["throughput"] > 0
         assert r["speedup_vs_best_dense"] == pytest.approx(best / r["median_ms"])
     assert 0.85 < result["encoder_sparsity"] < 0.95
+    malloc = result["settings"]["malloc"]  # glibc keeps freed memory: no page-fault noise
+    assert malloc == "system default" or malloc.startswith("glibc, trim and mmap thresholds")
     data = json.loads(write_json(result, tmp_path / "r.json").read_text())
     assert data["rows"] == rows
     text = write_markdown(result, tmp_path / "r.md").read_text()
     assert markdown_table(rows).splitlines()[0] in text
     with pytest.raises(SparseBertError, match="unknown runtime"):
         benchmark_model(model, runtimes=("tensorrt",))
+
+
+@pytest.mark.parametrize("tokens", [5, 70, 300])  # too few tiles / 16- / 32-token tiles
+def test_sparse_output_block_adds_and_normalises_in_the_kernel(tokens, backend):
+    from sparsebert.runtime.add_norm import FusedAddNorm
+
+    w = sparse_weight(77, 50, 0.85)
+    b = torch.randn(77)
+    ln = nn.LayerNorm(77, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    h, residual = torch.randn(tokens, 50), torch.randn(tokens, 77) * 2
+    block = FusedAddNorm(SparseLinear(w, b), ln)
+    with torch.inference_mode():
+        got = block(h.reshape(1, tokens, 50), residual.reshape(1, tokens, 77))
+        ref = ln(h @ w.T + b + residual).reshape(1, tokens, 77)
+        fused = block.dense.forward_add_norm(h, residual, ln)
+    assert_close(got, ref)
+    # the one-pass kernel runs wherever the native sparse kernel serves the product
+    from sparsebert.runtime.sparse_linear import sync_threads, work_chunks
+
+    enough_tiles = work_chunks(tokens, block.dense.sparse.n_groups, sync_threads()) == 1
+    assert (fused is not None) == (backend == "native" and enough_tiles)
+    if fused is not None:
+        assert_close(fused, ref.reshape(tokens, 77))
 
 
 def test_fused_add_norm_matches_torch_and_finds_output_blocks(backend):

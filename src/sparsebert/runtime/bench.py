@@ -8,12 +8,15 @@ Why the protocol looks like this:
 - the sparse runtime is calibrated for each shape it is measured at, since whether a
   layer pays off sparse depends on the number of tokens;
 - ONNX Runtime gets its best configuration: the graph is optimised with its transformer
-  fusions (attention, GELU, skip-layer-norm) when that works, plain otherwise.
+  fusions (attention, GELU, skip-layer-norm) when that works, plain otherwise;
+- the eager runtimes get a caching allocator's behaviour (`keep_freed_memory`), so page
+  faults of memory glibc handed back to the OS do not land in some runs and not others.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import importlib.util
 import json
 import os
@@ -65,6 +68,37 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "numba": numba.__version__,
     }
+
+
+MALLOC_KEEP_BYTES = 256 * 1024 * 1024
+"""glibc malloc's trim and mmap thresholds while benchmarking (see `keep_freed_memory`)."""
+
+
+def keep_freed_memory() -> str:
+    """Make glibc malloc keep freed memory for reuse instead of returning it to the OS.
+
+    Why: an eager forward pass allocates and frees tensors of several MiB per op. With
+    glibc's default, adaptive thresholds, some of them are unmapped or trimmed on free and
+    page-faulted back in on the next allocation: thousands of faults per MiniLM pass,
+    on some runs and not others (measured), which adds noise to every eager runtime
+    (ONNX Runtime has its own arena). PyTorch's CPU tuning guide recommends a caching
+    allocator (jemalloc, tcmalloc) for the same reason; raising glibc's trim and mmap
+    thresholds (`mallopt`) does the same job without a preload. Process-wide, applied to
+    every runtime in the benchmark alike. Returns a description for the results, or
+    ``"system default"`` where glibc is not the allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+        ok = libc.mallopt(m_trim_threshold, MALLOC_KEEP_BYTES) and libc.mallopt(
+            m_mmap_threshold, MALLOC_KEEP_BYTES
+        )
+    except (OSError, AttributeError):
+        ok = 0
+    if not ok:
+        return "system default"
+    mib = MALLOC_KEEP_BYTES // (1024 * 1024)
+    return f"glibc, trim and mmap thresholds {mib} MiB"
 
 
 def encoder_sparsity(model: nn.Module) -> float:
@@ -193,7 +227,8 @@ def benchmark_model(
     plans: dict[str, list] = {}
     shares: dict[str, dict] = {}
     settings: dict[str, Any] = {"threads": threads, "repeats": repeats, "warmup": warmup,
-                                "settle_s": settle_s, "runtimes": list(runtimes)}  # fmt: skip
+                                "settle_s": settle_s, "runtimes": list(runtimes),
+                                "malloc": keep_freed_memory()}  # fmt: skip
     try:
         with tempfile.TemporaryDirectory(prefix="sparsebert-bench-") as tmp:
             session = None

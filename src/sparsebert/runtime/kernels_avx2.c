@@ -260,14 +260,21 @@ static float *scratch(int64_t floats) {
     return (float *)aligned_alloc(64, bytes > 0 ? bytes : 64);
 }
 
+static void add_norm_row(const float *xr, const float *rr, const float *gamma, const float *beta,
+                         float eps, float *o, int64_t n_cols);
+
 /* out = act(x @ W.T + b); x: (n_tok, n_in), out: (n_tok, n_out), both row-major float32;
  * W: n_out rows of n_panels panels (ptr: n_panels x (n_out + 1) entry offsets).
+ * With a residual (n_tok, n_out), each tile's output rows then become
+ * LayerNorm(out + residual) * gamma + beta while still in cache: a BERT output block's
+ * dense + add & norm in one pass (NULL residual: none).
  * Work: `lanes`-token tiles (16 or 32) handed out one at a time (dynamic: a thread slowed
  * by other load on a shared machine takes fewer). Returns 0, -1 if out of memory, -2 for
  * an unsupported tile width. */
 int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, int64_t n_panels,
             const uint16_t *idx, const float *val, const float *bias, int act, float *out,
-            int64_t n_out, int threads, int64_t lanes) {
+            int64_t n_out, int threads, int64_t lanes, const float *residual, const float *gamma,
+            const float *beta, float eps) {
     if (lanes != 16 && lanes != 32) return -2;
     const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
     const int workers = (int)(threads < n_tiles ? threads : n_tiles);
@@ -286,6 +293,9 @@ int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, in
             pack(x, n_in, t0, nt, buf, lanes);
             run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, obuf, lanes);
             unpack(obuf, n_out, out, t0, nt, lanes);
+            if (residual)
+                for (int64_t i = t0; i < t0 + nt; i++)
+                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
         }
         free(buf), free(obuf);
     }
@@ -622,39 +632,42 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
     return failed ? -1 : 0;
 }
 
+/* o = LayerNorm(x + r) * gamma + beta for one row of n_cols floats; o may be x. */
+static void add_norm_row(const float *xr, const float *rr, const float *gamma, const float *beta,
+                         float eps, float *o, int64_t n_cols) {
+    const int64_t nv = n_cols / 8 * 8;
+    __m256 s = _mm256_setzero_ps();
+    float tail = 0.0f;
+    for (int64_t c = 0; c < nv; c += 8) {
+        const __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(rr + c));
+        _mm256_storeu_ps(o + c, v);
+        s = _mm256_add_ps(s, v);
+    }
+    for (int64_t c = nv; c < n_cols; c++) tail += (o[c] = xr[c] + rr[c]);
+    const float mean = (hsum8(s) + tail) / (float)n_cols;
+    const __m256 mv = _mm256_set1_ps(mean);
+    __m256 q = _mm256_setzero_ps();
+    tail = 0.0f;
+    for (int64_t c = 0; c < nv; c += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(o + c), mv);
+        q = _mm256_fmadd_ps(d, d, q);
+    }
+    for (int64_t c = nv; c < n_cols; c++) tail += (o[c] - mean) * (o[c] - mean);
+    const float inv = 1.0f / sqrtf((hsum8(q) + tail) / (float)n_cols + eps);
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (int64_t c = 0; c < nv; c += 8) {
+        const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(o + c), mv), iv);
+        _mm256_storeu_ps(o + c, _mm256_fmadd_ps(n, _mm256_loadu_ps(gamma + c), _mm256_loadu_ps(beta + c)));
+    }
+    for (int64_t c = nv; c < n_cols; c++) o[c] = (o[c] - mean) * inv * gamma[c] + beta[c];
+}
+
 /* out = LayerNorm(x + residual) * gamma + beta, row by row (rows of n_cols floats). The
  * transformer block's "add & norm" in one pass over memory instead of two torch ops. */
 int sb_add_layernorm(const float *x, const float *residual, const float *gamma, const float *beta,
                      float eps, float *out, int64_t n_rows, int64_t n_cols, int threads) {
-    const int64_t nv = n_cols / 8 * 8;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float *xr = x + r * n_cols, *rr = residual + r * n_cols;
-        float *o = out + r * n_cols;
-        __m256 s = _mm256_setzero_ps();
-        float tail = 0.0f;
-        for (int64_t c = 0; c < nv; c += 8) {
-            const __m256 v = _mm256_add_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(rr + c));
-            _mm256_storeu_ps(o + c, v);
-            s = _mm256_add_ps(s, v);
-        }
-        for (int64_t c = nv; c < n_cols; c++) tail += (o[c] = xr[c] + rr[c]);
-        const float mean = (hsum8(s) + tail) / (float)n_cols;
-        const __m256 mv = _mm256_set1_ps(mean);
-        __m256 q = _mm256_setzero_ps();
-        tail = 0.0f;
-        for (int64_t c = 0; c < nv; c += 8) {
-            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(o + c), mv);
-            q = _mm256_fmadd_ps(d, d, q);
-        }
-        for (int64_t c = nv; c < n_cols; c++) tail += (o[c] - mean) * (o[c] - mean);
-        const float inv = 1.0f / sqrtf((hsum8(q) + tail) / (float)n_cols + eps);
-        const __m256 iv = _mm256_set1_ps(inv);
-        for (int64_t c = 0; c < nv; c += 8) {
-            const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(o + c), mv), iv);
-            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(n, _mm256_loadu_ps(gamma + c), _mm256_loadu_ps(beta + c)));
-        }
-        for (int64_t c = nv; c < n_cols; c++) o[c] = (o[c] - mean) * inv * gamma[c] + beta[c];
-    }
+    for (int64_t r = 0; r < n_rows; r++)
+        add_norm_row(x + r * n_cols, residual + r * n_cols, gamma, beta, eps, out + r * n_cols, n_cols);
     return 0;
 }

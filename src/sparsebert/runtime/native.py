@@ -84,11 +84,11 @@ def _build(cache: Path) -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     matrix = [p, i64, p, p, p]  # ptr, n_panels, idx, val, bias
-    lib.sb_spmm.argtypes = [p, i64, i64, *matrix, i32, p, i64, i32, i64]
+    f32 = ctypes.c_float
+    lib.sb_spmm.argtypes = [p, i64, i64, *matrix, i32, p, i64, i32, i64, p, p, p, f32]
     lib.sb_spmm.restype = i32
     lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32, i64]
     lib.sb_ffn.restype = i32
-    f32 = ctypes.c_float
     lib.sb_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, f32, p, i32]
     lib.sb_attention.restype = i32
     lib.sb_add_layernorm.argtypes = [p, p, p, p, f32, p, i64, i64, i32]
@@ -139,13 +139,23 @@ def _matrix(m: RowPanels, bias: np.ndarray) -> list:
 
 
 def spmm(x: torch.Tensor, m: RowPanels, bias: np.ndarray, act: int, out: torch.Tensor, threads: int,
-         lanes: int = 16) -> None:
+         lanes: int = 16, add_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+         ) -> None:  # fmt: skip
     """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors; ``b``: the
-    bias in natural row order (zeros for none); ``lanes``: tokens per tile, 16 or 32."""
+    bias in natural row order (zeros for none); ``lanes``: tokens per tile, 16 or 32.
+    ``add_norm = (residual, gamma, beta, eps)`` (residual shaped like out, C-contiguous):
+    then ``out = LayerNorm(x @ W.T + b + residual) * gamma + beta``, each tile normalised
+    while in cache."""
     lib = library()
     assert lib is not None
+    residual = gamma = beta = None
+    eps = 0.0
+    if add_norm is not None:
+        res, g, b, eps = add_norm
+        residual, gamma, beta = res.data_ptr(), g.data_ptr(), b.data_ptr()
     rc = lib.sb_spmm(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m, bias), int(act),
-                     out.data_ptr(), out.shape[1], int(threads), int(lanes))  # fmt: skip
+                     out.data_ptr(), out.shape[1], int(threads), int(lanes), residual, gamma, beta,
+                     float(eps))  # fmt: skip
     _check(rc, "sparse kernel")
 
 
