@@ -244,7 +244,8 @@ def render_markdown(data: dict) -> str:
         "attention interface): 6 x 16 register blocks of scores, softmax, then 3-row blocks "
         "of probabilities x values, phase by phase so keys and values each stay in L1, with "
         "the next head's rows prefetched; and so does the residual add + LayerNorm of each "
-        "output block (one pass). Each unit (Q/K/V group, attention output, FFN block, "
+        "output block (one pass; for the attention output, inside the sparse kernel's pass "
+        "over each token tile). Each unit (Q/K/V group, attention output, FFN block, "
         "single linear, attention) is timed against its dense PyTorch counterpart on the "
         "benchmark shape before it is swapped in, and stays dense unless the swap is at "
         "least 5% faster.",

@@ -6,9 +6,9 @@
  *
  * Algorithm: a tile of 16 or 32 tokens is transposed into buf[feature][lane] (8x8 register
  * transposes); then, panel by panel, every output row accumulates w * buf[k] over its
- * entries of the panel (partial sums kept per row between panels) and the last panel's
- * epilogue adds the bias, applies the activation and writes the row to the tile's output,
- * which is transposed back.
+ * entries of the panel, starting from its bias (partial sums kept per row between panels),
+ * and the last panel's epilogue applies the activation and writes the row to the tile's
+ * output, which is transposed back.
  *
  * Why this inner loop: per weight it needs lanes/8 loads of buf[k] feeding as many FMAs;
  * everything else competes with them for the core's two 256-bit load ports. So the entries
