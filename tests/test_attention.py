@@ -103,6 +103,11 @@ def test_falls_back_to_sdpa_when_autograd_or_odd_head_width_needs_it():
     with torch.inference_mode():
         got, _ = cpu_attention(_Module(), q6, k6, v6, None)
     assert torch.allclose(got, reference(q6, k6, v6, None), atol=1e-6)
+    q0 = projections(1, 4, 1, 8)[0]
+    k0, v0 = torch.zeros(1, 1, 0, 8), torch.zeros(1, 1, 0, 8)  # no keys at all: sdpa's answer
+    with torch.inference_mode():
+        got, _ = cpu_attention(_Module(), q0, k0, v0, None)
+    assert torch.equal(got.isnan(), reference(q0, k0, v0, None).isnan()) and got.shape == (1, 4, 1, 8)
 
 
 def test_model_switch_gives_the_same_logits():

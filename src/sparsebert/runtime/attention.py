@@ -67,7 +67,7 @@ def cpu_attention(
         and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1
                 for t in (query, key, value))
         and key.shape[1] == query.shape[1] and value.shape == key.shape
-        and d % 8 == 0 and d <= 256
+        and d % 8 == 0 and d <= 256 and key.shape[2] > 0
     )  # fmt: skip
     if usable:
         ok, bias = _bias(attention_mask)

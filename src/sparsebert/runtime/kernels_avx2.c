@@ -559,7 +559,7 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
                  int64_t S_k, int64_t D, const int64_t *q_strides, const int64_t *k_strides,
                  const int64_t *v_strides, const float *bias, int64_t bias_b, int64_t bias_i,
                  float scale, float *out, int threads) {
-    if (D % 8 != 0 || D > 256) return -2;
+    if (D % 8 != 0 || D > 256 || S_k < 1) return -2;
     const int64_t Sk8 = (S_k + 7) / 8 * 8; /* keys padded to whole vectors (-inf scores) */
     const int64_t nd = D / 8;
     const int pv_rows = pv_rows_for(nd);
