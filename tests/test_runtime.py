@@ -148,6 +148,8 @@ def test_default_panel_widens_for_very_sparse_rows():
     assert default_panel(1536, 32) == 192  # L1-sized: 192 features x 32 tokens x 4 bytes
     assert default_panel(1536, 32, density=0.03) == 512  # ~16 entries per row and panel
     assert default_panel(384, 32, density=0.5) == 192
+    w = sparse_weight(64, 1536, 0.97).numpy()  # the native layout's default panels follow
+    assert to_row_panels(w).panel == default_panel(1536, 32, np.count_nonzero(w) / w.size) > 192
 
 
 @pytest.mark.parametrize("tokens", [40, 200])  # 16- and 32-token tiles (on up to 3 threads)

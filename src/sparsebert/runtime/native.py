@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsebert.runtime.sparse_format import RowPanels
+from sparsebert.runtime.sparse_format import NATIVE_LANES, RowPanels
 
 logger = logging.getLogger("sparsebert")
 
 SOURCE = Path(__file__).with_name("kernels_avx2.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
-WIDE_LANES = 32
+WIDE_LANES = NATIVE_LANES
 """Tokens per tile of the native kernels when there are enough tokens: each index and
 weight load feeds four FMAs instead of two (up to ~20% faster at 50% sparsity)."""
 
@@ -138,9 +138,16 @@ def _matrix(m: RowPanels, bias: np.ndarray) -> list:
             bias.ctypes.data]  # fmt: skip
 
 
-def spmm(x: torch.Tensor, m: RowPanels, bias: np.ndarray, act: int, out: torch.Tensor, threads: int,
-         lanes: int = 16, add_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
-         ) -> None:  # fmt: skip
+def spmm(
+    x: torch.Tensor,
+    m: RowPanels,
+    bias: np.ndarray,
+    act: int,
+    out: torch.Tensor,
+    threads: int,
+    lanes: int = 16,
+    add_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+) -> None:
     """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors; ``b``: the
     bias in natural row order (zeros for none); ``lanes``: tokens per tile, 16 or 32.
     ``add_norm = (residual, gamma, beta, eps)`` (residual shaped like out, C-contiguous):

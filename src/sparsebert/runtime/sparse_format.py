@@ -28,6 +28,10 @@ L1_BYTES = 32 * 1024
 """Per-core L1 data cache assumed when sizing panels (32 KiB on current x86 cores)."""
 
 
+NATIVE_LANES = 32
+"""Tokens per tile of the native kernels on large inputs (`native.WIDE_LANES`): the tile
+width `to_row_panels` sizes its default panels for."""
+
 MIN_RUN = 16
 """Entries per row and panel below which a sparse row's fixed costs (partial sums, loop
 exits) outweigh keeping its panel of the token buffer in L1; see `default_panel`."""
@@ -157,16 +161,21 @@ class RowPanels:
 
 
 def to_row_panels(weight: np.ndarray, panel: int | None = None) -> RowPanels:
-    """Convert a dense (out, in) float32 matrix whose zeros are the pruned weights."""
+    """Convert a dense (out, in) float32 matrix whose zeros are the pruned weights.
+
+    panel: input features per panel; default `default_panel` for `NATIVE_LANES`-token tiles
+    at this matrix's density."""
     weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
     n_out, n_in = weight.shape
     if n_out == 0 or n_in == 0:
         raise ValueError(f"cannot convert an empty weight of shape {weight.shape}")
-    panel = default_panel(n_in) if panel is None else max(1, min(int(panel), n_in))
-    n_panels = max(1, -(-n_in // panel))
     rows, cols = np.nonzero(weight)  # row-major, columns ascending within a row
+    if panel is None:
+        panel = default_panel(n_in, NATIVE_LANES, density=rows.size / weight.size)
+    panel = max(1, min(int(panel), n_in))
+    n_panels = max(1, -(-n_in // panel))
     pan = cols // panel
     order = np.lexsort((cols, rows, pan))  # panel, then row, then column
     counts = np.zeros((n_panels, n_out), np.int64)

@@ -107,19 +107,13 @@ class SparseLinear(nn.Module):
                 f"unsupported fused activation {activation!r}: use one of {list(ACTIVATIONS)}"
             )
         w = weight.detach().to("cpu", torch.float32).numpy()
-        # Panels sized for the token tiles of each kernel (16 lanes numba, 32 native).
+        # Default panels sized for each kernel's token tiles (numba 16, native 32 lanes).
         self.sparse: GroupedSparse = to_grouped(
             w, panel=default_panel(w.shape[1], kernels.LANES) if panel is None else panel
         )
         self.rows: RowPanels | None = None
         if native.library() is not None:
-            density = np.count_nonzero(w) / w.size
-            self.rows = to_row_panels(
-                w,
-                panel=default_panel(w.shape[1], native.WIDE_LANES, density)
-                if panel is None
-                else panel,
-            )
+            self.rows = to_row_panels(w, panel=panel)
         self.out_features, self.in_features = w.shape
         b = None if bias is None else bias.detach().to("cpu", torch.float32).numpy()
         self.bias_sorted = self.sparse.sorted_bias(b)
