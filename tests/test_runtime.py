@@ -340,3 +340,20 @@ def test_fused_add_norm_matches_torch_and_finds_output_blocks(backend):
     layer = tiny_bert(0.0).bert.encoder.layer[0]
     assert is_output_block(layer.attention.output) and is_output_block(layer.output)
     assert not is_output_block(layer.intermediate) and not is_output_block(layer.attention.self)
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    import resource
+
+    from sparsebert.runtime import keep_freed_memory
+
+    if keep_freed_memory() == "system default":
+        pytest.skip("glibc is not the allocator here")
+
+    def faults_of_a_fresh_64_mib_tensor() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(16 * 1024 * 1024).fill_(1.0)  # 64 MiB: above glibc's largest default mmap threshold
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_a_fresh_64_mib_tensor()
+    assert faults_of_a_fresh_64_mib_tensor() < 1000  # glibc's default re-maps it: ~16k faults

@@ -1,12 +1,14 @@
 """Fast sparse inference on the CPU.
 
-`sparsify_for_inference` swaps numba sparse kernels (`SparseLinear`, and fused
-`SparseFFN` / shared-input groups) into a model wherever calibration shows they are faster
-than the dense kernels; `benchmark_model` (in `sparsebert.runtime.bench`) measures the
-result against PyTorch and ONNX Runtime.
+`sparsify_for_inference` swaps sparse kernels (`SparseLinear`, and fused `SparseFFN` /
+shared-input groups; native AVX2 kernels, numba where those cannot be built) into a model
+wherever calibration shows they are faster than the dense kernels; `benchmark_model` (in
+`sparsebert.runtime.bench`) measures the result against PyTorch and ONNX Runtime.
+`keep_freed_memory` stops glibc from handing freed tensors back to the OS between ops.
 """
 
 from sparsebert.runtime.activation import FastGELU
+from sparsebert.runtime.allocator import keep_freed_memory
 from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
 from sparsebert.runtime.sparse_linear import SparseLinear
 from sparsebert.runtime.sparsify import Decision, SparsifyReport, sparsify_for_inference
@@ -19,5 +21,6 @@ __all__ = [
     "SparseFFN",
     "SparseLinear",
     "SparsifyReport",
+    "keep_freed_memory",
     "sparsify_for_inference",
 ]

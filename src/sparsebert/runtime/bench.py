@@ -16,7 +16,6 @@ Why the protocol looks like this:
 from __future__ import annotations
 
 import copy
-import ctypes
 import importlib.util
 import json
 import os
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from sparsebert.errors import SparseBertError
+from sparsebert.runtime.allocator import keep_freed_memory
 
 DENSE_RUNTIMES = ("torch", "onnxruntime")
 ALL_RUNTIMES = ("torch", "sparse", "onnxruntime", "deepsparse")
@@ -68,37 +68,6 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "numba": numba.__version__,
     }
-
-
-MALLOC_KEEP_BYTES = 256 * 1024 * 1024
-"""glibc malloc's trim and mmap thresholds while benchmarking (see `keep_freed_memory`)."""
-
-
-def keep_freed_memory() -> str:
-    """Make glibc malloc keep freed memory for reuse instead of returning it to the OS.
-
-    Why: an eager forward pass allocates and frees tensors of several MiB per op. With
-    glibc's default, adaptive thresholds, some of them are unmapped or trimmed on free and
-    page-faulted back in on the next allocation: thousands of faults per MiniLM pass,
-    on some runs and not others (measured), which adds noise to every eager runtime
-    (ONNX Runtime has its own arena). PyTorch's CPU tuning guide recommends a caching
-    allocator (jemalloc, tcmalloc) for the same reason; raising glibc's trim and mmap
-    thresholds (`mallopt`) does the same job without a preload. Process-wide, applied to
-    every runtime in the benchmark alike. Returns a description for the results, or
-    ``"system default"`` where glibc is not the allocator.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
-        ok = libc.mallopt(m_trim_threshold, MALLOC_KEEP_BYTES) and libc.mallopt(
-            m_mmap_threshold, MALLOC_KEEP_BYTES
-        )
-    except (OSError, AttributeError):
-        ok = 0
-    if not ok:
-        return "system default"
-    mib = MALLOC_KEEP_BYTES // (1024 * 1024)
-    return f"glibc, trim and mmap thresholds {mib} MiB"
 
 
 def encoder_sparsity(model: nn.Module) -> float:
