@@ -82,16 +82,22 @@ class GroupedSparse:
         return np.ascontiguousarray(np.asarray(bias, np.float32)[self.perm.astype(np.int64)])
 
 
+def as_weight_matrix(weight: np.ndarray) -> np.ndarray:
+    """``weight`` as a non-empty 2-D float32 array, or a ValueError naming its shape."""
+    weight = np.asarray(weight, dtype=np.float32)
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"cannot convert an empty weight of shape {weight.shape}")
+    return weight
+
+
 def to_grouped(
     weight: np.ndarray, panel: int | None = None, sort_block: int | None = 64
 ) -> GroupedSparse:
     """Convert a dense (out, in) float32 matrix whose zeros are the pruned weights."""
-    weight = np.asarray(weight, dtype=np.float32)
-    if weight.ndim != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    weight = as_weight_matrix(weight)
     n_out, n_in = weight.shape
-    if n_out == 0 or n_in == 0:
-        raise ValueError(f"cannot convert an empty weight of shape {weight.shape}")
     panel = default_panel(n_in) if panel is None else max(1, min(int(panel), n_in))
     n_panels = max(1, -(-n_in // panel))
     n_groups = -(-n_out // GROUP)
@@ -165,12 +171,8 @@ def to_row_panels(weight: np.ndarray, panel: int | None = None) -> RowPanels:
 
     panel: input features per panel; default `default_panel` for `NATIVE_LANES`-token tiles
     at this matrix's density."""
-    weight = np.asarray(weight, dtype=np.float32)
-    if weight.ndim != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    weight = as_weight_matrix(weight)
     n_out, n_in = weight.shape
-    if n_out == 0 or n_in == 0:
-        raise ValueError(f"cannot convert an empty weight of shape {weight.shape}")
     rows, cols = np.nonzero(weight)  # row-major, columns ascending within a row
     if panel is None:
         panel = default_panel(n_in, NATIVE_LANES, density=rows.size / weight.size)
