@@ -146,7 +146,9 @@ static inline void finish(__m256 lo, __m256 hi, float *row, int act) {
     _mm256_storeu_ps(row + 8, hi);
 }
 
-/* Four indices of one 64-bit load, as float offsets into buf. */
+/* Four entries at once: their uint16 indices in one 64-bit load (x86 is little-endian:
+ * slot s is bits 16s..16s+15; OFFSET scales it to a float offset into buf), their weights
+ * in one 128-bit load broadcast to both halves of a register (a permute picks one). */
 #define ENTRY_BLOCK(J, Q, W4)                                             \
     uint64_t Q;                                                           \
     memcpy(&Q, idx + (J), 8);                                             \
