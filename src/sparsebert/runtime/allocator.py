@@ -8,7 +8,8 @@ sparse pass and noise in every timing. PyTorch's CPU tuning guide recommends a c
 allocator (jemalloc, tcmalloc) for the same reason; raising glibc's trim and mmap
 thresholds with ``mallopt`` does the same job without a preload. It is process-wide, so it
 is the caller's choice: `benchmark_model` applies it (to every runtime it times alike),
-and a serving process can call it once at start-up.
+and a serving process can call it once at start-up. Best effort: where the heap cannot
+grow in place (other mappings right above it), glibc still maps large blocks directly.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from torch import nn
 from sparsebert.runtime import kernels, native
 from sparsebert.runtime.sparse_linear import (
     SparseLinear,
+    add_norm_operands,
     as_matrix,
     check_inference,
     run_spmm,
@@ -134,6 +135,26 @@ class SparseFFN(nn.Module):
             f"{self.in_features} -> {self.hidden_features} (gelu) -> {self.out_features}, "
             f"density {self.first.density:.3f} / {self.second.density:.3f}"
         )
+
+    def forward_add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm
+    ) -> torch.Tensor | None:
+        """``norm(self(x) + residual)``, the whole feed-forward sublayer, in one native pass
+        per token tile; None where that cannot run (see `SparseLinear.forward_add_norm`)."""
+        if not native.usable(self.first.rows, self.second.rows):
+            return None
+        operands = add_norm_operands(x, residual, norm, self.out_features)
+        if operands is None:
+            return None
+        x2 = as_matrix(x, self.in_features, "SparseFFN")
+        threads = sync_threads()
+        if -(-x2.shape[0] // kernels.LANES) < 2 * threads:
+            return None
+        out = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
+        native.ffn(x2, self.first.rows, self.first.bias_natural, self.second.rows,
+                   self.second.bias_natural, out, torch.get_num_threads(),
+                   native.lanes_for(x2.shape[0], threads), add_norm=operands)  # fmt: skip
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_inference(x, "SparseFFN")

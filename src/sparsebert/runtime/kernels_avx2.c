@@ -305,12 +305,15 @@ int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, in
 }
 
 /* Feed-forward block out = W2 gelu(W1 x + b1) + b2, tile by tile: the hidden activations of
- * a tile go from W1's epilogue straight into W2's token buffer and never reach memory. */
+ * a tile go from W1's epilogue straight into W2's token buffer and never reach memory.
+ * With a residual, the tile's rows then become LayerNorm(out + residual) * gamma + beta
+ * (as in sb_spmm): the whole BERT feed-forward sublayer in one pass. */
 int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
            const uint64_t *ptr1, int64_t n_panels1, const uint16_t *idx1, const float *val1,
            const float *bias1, int64_t n_hidden,
            const uint64_t *ptr2, int64_t n_panels2, const uint16_t *idx2, const float *val2,
-           const float *bias2, float *out, int64_t n_out, int threads, int64_t lanes) {
+           const float *bias2, float *out, int64_t n_out, int threads, int64_t lanes,
+           const float *residual, const float *gamma, const float *beta, float eps) {
     if (lanes != 16 && lanes != 32) return -2;
     const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
     const int workers = (int)(threads < n_tiles ? threads : n_tiles);
@@ -330,6 +333,9 @@ int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
             run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, hidden, lanes);
             run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, obuf, lanes);
             unpack(obuf, n_out, out, t0, nt, lanes);
+            if (residual)
+                for (int64_t i = t0; i < t0 + nt; i++)
+                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
         }
         free(buf), free(hidden), free(obuf);
     }

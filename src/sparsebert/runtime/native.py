@@ -87,7 +87,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     f32 = ctypes.c_float
     lib.sb_spmm.argtypes = [p, i64, i64, *matrix, i32, p, i64, i32, i64, p, p, p, f32]
     lib.sb_spmm.restype = i32
-    lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32, i64]
+    lib.sb_ffn.argtypes = [p, i64, i64, *matrix, i64, *matrix, p, i64, i32, i64, p, p, p, f32]
     lib.sb_ffn.restype = i32
     lib.sb_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, f32, p, i32]
     lib.sb_attention.restype = i32
@@ -138,6 +138,18 @@ def _matrix(m: RowPanels, bias: np.ndarray) -> list:
             bias.ctypes.data]  # fmt: skip
 
 
+AddNorm = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
+"""(residual, gamma, beta, eps) of a fused residual add + LayerNorm epilogue; the residual
+is shaped like the output and C-contiguous, gamma and beta float32 of the output width."""
+
+
+def _add_norm_args(add_norm: AddNorm | None) -> list:
+    if add_norm is None:
+        return [None, None, None, 0.0]
+    residual, gamma, beta, eps = add_norm
+    return [residual.data_ptr(), gamma.data_ptr(), beta.data_ptr(), float(eps)]
+
+
 def spmm(
     x: torch.Tensor,
     m: RowPanels,
@@ -146,33 +158,38 @@ def spmm(
     out: torch.Tensor,
     threads: int,
     lanes: int = 16,
-    add_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+    add_norm: AddNorm | None = None,
 ) -> None:
     """``out = act(x @ W.T + b)``; x, out: C-contiguous float32 CPU tensors; ``b``: the
     bias in natural row order (zeros for none); ``lanes``: tokens per tile, 16 or 32.
-    ``add_norm = (residual, gamma, beta, eps)`` (residual shaped like out, C-contiguous):
-    then ``out = LayerNorm(x @ W.T + b + residual) * gamma + beta``, each tile normalised
-    while in cache."""
+    With ``add_norm``: ``out = LayerNorm(x @ W.T + b + residual) * gamma + beta``, each
+    tile normalised while in cache."""
     lib = library()
     assert lib is not None
-    residual = gamma = beta = None
-    eps = 0.0
-    if add_norm is not None:
-        res, g, b, eps = add_norm
-        residual, gamma, beta = res.data_ptr(), g.data_ptr(), b.data_ptr()
     rc = lib.sb_spmm(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m, bias), int(act),
-                     out.data_ptr(), out.shape[1], int(threads), int(lanes), residual, gamma, beta,
-                     float(eps))  # fmt: skip
+                     out.data_ptr(), out.shape[1], int(threads), int(lanes),
+                     *_add_norm_args(add_norm))  # fmt: skip
     _check(rc, "sparse kernel")
 
 
-def ffn(x: torch.Tensor, m1: RowPanels, b1: np.ndarray, m2: RowPanels, b2: np.ndarray,
-        out: torch.Tensor, threads: int, lanes: int = 16) -> None:
-    """``out = W2 gelu(W1 x + b1) + b2``, fused per token tile."""
+def ffn(
+    x: torch.Tensor,
+    m1: RowPanels,
+    b1: np.ndarray,
+    m2: RowPanels,
+    b2: np.ndarray,
+    out: torch.Tensor,
+    threads: int,
+    lanes: int = 16,
+    add_norm: AddNorm | None = None,
+) -> None:
+    """``out = W2 gelu(W1 x + b1) + b2``, fused per token tile; with ``add_norm`` (see
+    `spmm`) also the residual add + LayerNorm of the block."""
     lib = library()
     assert lib is not None
     rc = lib.sb_ffn(x.data_ptr(), x.shape[0], x.shape[1], *_matrix(m1, b1), m1.shape[0],
-                    *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads), int(lanes))  # fmt: skip
+                    *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads), int(lanes),
+                    *_add_norm_args(add_norm))  # fmt: skip
     _check(rc, "sparse kernel")
 
 

@@ -83,6 +83,27 @@ def run_spmm(x2: torch.Tensor, linear: SparseLinear, act: int, out: torch.Tensor
         )  # fmt: skip
 
 
+def add_norm_operands(
+    x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, n_out: int
+) -> native.AddNorm | None:
+    """The operands of a native add & norm epilogue for output ``x``-shaped (..., n_out),
+    or None where it cannot run: autograd recording, a residual of another shape, dtype or
+    device, a LayerNorm over other dimensions or without affine float32 parameters, no
+    tokens."""
+    if (
+        torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad)
+        or residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != n_out
+        or residual.dtype != torch.float32 or residual.device.type != "cpu"
+        or residual.numel() == 0
+        or tuple(norm.normalized_shape) != (n_out,)
+        or norm.weight is None or norm.bias is None
+        or norm.weight.dtype != torch.float32 or norm.bias.dtype != torch.float32
+    ):  # fmt: skip
+        return None
+    return (residual.reshape(-1, n_out).contiguous(), norm.weight.detach().contiguous(),
+            norm.bias.detach().contiguous(), float(norm.eps))  # fmt: skip
+
+
 class SparseLinear(nn.Module):
     """``y = act(x @ W.T + b)`` with ``W`` stored sparse and multiplied by a sparse kernel.
 
@@ -157,32 +178,21 @@ class SparseLinear(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm
     ) -> torch.Tensor | None:
         """``norm(self(x) + residual)`` in one native pass (the add & norm of each token
-        tile runs while the tile is in cache), or None where that pass cannot run (no native
-        kernel, too few tokens for every thread, a fused activation, shapes or dtypes it
-        does not take): the caller then runs the steps one by one."""
-        if (
-            self.activation is not None
-            or not native.usable(self.rows)
-            or torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad)
-            or residual.shape[:-1] != x.shape[:-1]
-            or residual.shape[-1] != self.out_features
-            or residual.dtype != torch.float32 or residual.device.type != "cpu"
-            or norm.normalized_shape != (self.out_features,)
-            or norm.weight is None or norm.bias is None
-        ):  # fmt: skip
+        tile runs while the tile is in cache), or None where that pass cannot run (see
+        `add_norm_operands`; also a fused activation): the caller then runs the steps one
+        by one."""
+        if self.activation is not None or not native.usable(self.rows):
+            return None
+        operands = add_norm_operands(x, residual, norm, self.out_features)
+        if operands is None:
             return None
         x2 = as_matrix(x, self.in_features, "SparseLinear")
         threads = sync_threads()
-        if x2.shape[0] == 0 or work_chunks(x2.shape[0], self.sparse.n_groups, threads) != 1:
-            return None
-        res = residual.reshape(-1, self.out_features).contiguous()
-        weight, bias = norm.weight.detach().contiguous(), norm.bias.detach().contiguous()
-        if weight.dtype != torch.float32 or bias.dtype != torch.float32:
+        if work_chunks(x2.shape[0], self.sparse.n_groups, threads) != 1:
             return None
         out = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
         native.spmm(x2, self.rows, self.bias_natural, kernels.ACT_NONE, out, torch.get_num_threads(),
-                    native.lanes_for(x2.shape[0], threads),
-                    add_norm=(res, weight, bias, float(norm.eps)))  # fmt: skip
+                    native.lanes_for(x2.shape[0], threads), add_norm=operands)  # fmt: skip
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -272,9 +272,12 @@ def _decide_ffn(
         )
         if module is not None:
             report.decisions.append(decision)
-            _set(model, first_path, module)
+            # The fused block takes the second linear's place (the first and the activation
+            # pass their input through): in a BERT output block it is then the `dense`
+            # that `FusedAddNorm` runs together with the residual add and LayerNorm.
+            _set(model, first_path, nn.Identity())
             _set(model, act_path, nn.Identity())
-            _set(model, second_path, nn.Identity())
+            _set(model, second_path, module)
             return
     _decide_linear(model, first_path, policy, report, act_path=act_path)
     _decide_linear(model, second_path, policy, report)
