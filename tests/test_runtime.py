@@ -371,3 +371,32 @@ print(setting, default, faults(), sep="|")
         pytest.skip("glibc is not the allocator here")
     assert int(default) > 10_000  # glibc's default maps and unmaps it: one fault per page
     assert int(kept) < 1000
+
+
+def test_time_share_counts_nested_sparse_units_once():
+    import time
+
+    from sparsebert.runtime.add_norm import FusedAddNorm
+    from sparsebert.runtime.bench import sparse_time_share
+
+    class SlowSparse(SparseLinear):  # 20 ms inside the sparse unit, run unfused
+        def forward_add_norm(self, *args):
+            return None
+
+        def forward(self, x):
+            time.sleep(0.02)
+            return super().forward(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = FusedAddNorm(SlowSparse(sparse_weight(16, 16, 0.9)), nn.LayerNorm(16))
+
+        def forward(self, x, r):
+            time.sleep(0.01)  # outside: the rest of the model
+            return self.block(x, r)
+
+    share = sparse_time_share(Model(), {"x": torch.randn(4, 16), "r": torch.randn(4, 16)}, runs=3)
+    assert 0.02 <= share["sparse_kernels_ms"] / 1e3 < 0.028  # once, not twice (block + dense)
+    assert share["rest_ms"] / 1e3 >= 0.009
+    assert share["total_ms"] == pytest.approx(share["sparse_kernels_ms"] + share["rest_ms"])

@@ -241,29 +241,45 @@ def benchmark_model(
     }
 
 
-SPARSE_MODULES = ("SparseLinear", "GroupSlice", "SparseFFN")
+def _is_sparse_unit(module: nn.Module) -> bool:
+    """A sparse module (`SparseLinear`, `GroupSlice`, `SparseFFN`), or an add & norm block
+    around one (`FusedAddNorm` runs its sparse `dense` and the add & norm as one kernel,
+    bypassing the inner module's hooks)."""
+    from sparsebert.runtime.add_norm import FusedAddNorm
+    from sparsebert.runtime.fused import GroupSlice, SparseFFN
+    from sparsebert.runtime.sparse_linear import SparseLinear
+
+    sparse = (SparseLinear, GroupSlice, SparseFFN)
+    return isinstance(module, sparse) or (
+        isinstance(module, FusedAddNorm) and isinstance(module.dense, sparse)
+    )
 
 
 def sparse_time_share(model: nn.Module, feeds: Mapping[str, torch.Tensor], runs: int = 7) -> dict:
     """Where a sparsified model's time goes: its sparse kernels vs everything else.
 
-    Forward hooks time the sparse modules (`SPARSE_MODULES`) during ``runs`` forward passes
-    in a row (steady state); the rest (attention, layer norms, embeddings, dense layers) is
-    what sparsity cannot speed up. Returns the medians over the passes, in milliseconds per
-    forward pass (medians: one pass disturbed by other load on a shared machine does not
-    skew the split).
+    Forward hooks time the sparse units (`_is_sparse_unit`: sparse modules, and add & norm
+    blocks fused with one: their residual add + LayerNorm is counted with the kernel it runs in; nested
+    units count once) during ``runs`` forward passes in a row (steady state); the rest
+    (attention, other layer norms, embeddings, dense layers) is what sparsity cannot speed
+    up. Returns the medians over the passes, in milliseconds per forward pass (medians: one
+    pass disturbed by other load on a shared machine does not skew the split).
     """
-    spent, starts = [0.0], {}
+    spent, depth, started = [0.0], [0], [0.0]
 
-    def before(module: nn.Module, _inputs: Any) -> None:
-        starts[id(module)] = time.perf_counter()
+    def before(_module: nn.Module, _inputs: Any) -> None:
+        if depth[0] == 0:
+            started[0] = time.perf_counter()
+        depth[0] += 1
 
-    def after(module: nn.Module, _inputs: Any, _output: Any) -> None:
-        spent[0] += time.perf_counter() - starts.pop(id(module))
+    def after(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            spent[0] += time.perf_counter() - started[0]
 
     handles = []
     for module in model.modules():
-        if type(module).__name__ in SPARSE_MODULES:
+        if _is_sparse_unit(module):
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after))
     totals, kernels = [], []
