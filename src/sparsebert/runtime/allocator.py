@@ -2,14 +2,15 @@
 
 Why: an eager forward pass allocates and frees tensors of several MiB per op. With glibc's
 default, adaptive thresholds, some of them are unmapped or trimmed on free and page-faulted
-back in on the next allocation: thousands of faults per MiniLM pass at batch 16 x 128, on
-some runs and not others (measured on this project's machine), a few ms of a ~100 ms
-sparse pass and noise in every timing. PyTorch's CPU tuning guide recommends a caching
-allocator (jemalloc, tcmalloc) for the same reason; raising glibc's trim and mmap
-thresholds with ``mallopt`` does the same job without a preload. It is process-wide, so it
-is the caller's choice: `benchmark_model` applies it (to every runtime it times alike),
-and a serving process can call it once at start-up. Best effort: where the heap cannot
-grow in place (other mappings right above it), glibc still maps large blocks directly.
+back in on the next allocation: 1-7 thousand faults per MiniLM pass at batch 16 x 128, on
+some runs and not others, and none with this setting (measured on this project's machine
+with the 90%-sparse model): a few ms of a ~100 ms sparse pass, and noise in every timing.
+PyTorch's CPU tuning guide recommends a caching allocator (jemalloc, tcmalloc) for the
+same reason; raising glibc's trim and mmap thresholds with ``mallopt`` does the same job
+without a preload. It is process-wide, so it is the caller's choice: `benchmark_model`
+applies it (to every runtime it times alike), and a serving process can call it once at
+start-up. Best effort: where the heap cannot grow in place (other mappings right above
+it), glibc still maps large blocks directly.
 """
 
 from __future__ import annotations
