@@ -173,7 +173,8 @@ def _where_time_goes(data: dict) -> list[str]:
     return [
         f"Where the time goes at 90%, batch 16 x 128 (medians of hooked passes): the sparse "
         f"kernels {share['sparse_kernels_ms']:.0f} ms, the rest of the model "
-        f"{share['rest_ms']:.0f} ms (attention, add & norm, embeddings, Python). The sparse "
+        f"{share['rest_ms']:.0f} ms (attention, embeddings, Python; the residual add + "
+        "LayerNorm runs inside the sparse kernels' passes and is counted with them). The sparse "
         "kernel's inner loop alone reaches ~1.6 FMA per cycle (of 2) on this machine; in the "
         "model the 97%-sparse matrices that global allocation makes of V, the attention "
         "output and FFN2 reach less (~6-20 entries per row and panel, so the per-row costs "
@@ -244,8 +245,8 @@ def render_markdown(data: dict) -> str:
         "attention interface): 6 x 16 register blocks of scores, softmax, then 3-row blocks "
         "of probabilities x values, phase by phase so keys and values each stay in L1, with "
         "the next head's rows prefetched; and so does the residual add + LayerNorm of each "
-        "output block (one pass; for the attention output, inside the sparse kernel's pass "
-        "over each token tile). Each unit (Q/K/V group, attention output, FFN block, "
+        "output block (one pass, inside the sparse kernel's pass over each token tile: the "
+        "attention output, and the whole feed-forward block). Each unit (Q/K/V group, attention output, FFN block, "
         "single linear, attention) is timed against its dense PyTorch counterpart on the "
         "benchmark shape before it is swapped in, and stays dense unless the swap is at "
         "least 5% faster.",
