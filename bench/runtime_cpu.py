@@ -246,10 +246,10 @@ def render_markdown(data: dict) -> str:
         "of probabilities x values, phase by phase so keys and values each stay in L1, with "
         "the next head's rows prefetched; and so does the residual add + LayerNorm of each "
         "output block (one pass, inside the sparse kernel's pass over each token tile: the "
-        "attention output, and the whole feed-forward block). Each unit (Q/K/V group, attention output, FFN block, "
-        "single linear, attention) is timed against its dense PyTorch counterpart on the "
-        "benchmark shape before it is swapped in, and stays dense unless the swap is at "
-        "least 5% faster.",
+        "attention output, and the whole feed-forward block). Each unit (Q/K/V group, "
+        "attention output, FFN block, single linear, attention) is timed against its dense "
+        "PyTorch counterpart on the benchmark shape before it is swapped in, and stays dense "
+        "unless the swap is at least 5% faster.",
         "",
         *_where_time_goes(data),
         "",
