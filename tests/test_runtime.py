@@ -305,28 +305,37 @@ def test_benchmark_model_and_writers(tmp_path):
         benchmark_model(model, runtimes=("tensorrt",))
 
 
+@pytest.mark.parametrize("kind", ["linear", "ffn"])  # attention output / feed-forward block
 @pytest.mark.parametrize("tokens", [5, 70, 300])  # too few tiles / 16- / 32-token tiles
-def test_sparse_output_block_adds_and_normalises_in_the_kernel(tokens, backend):
+def test_sparse_output_block_adds_and_normalises_in_the_kernel(kind, tokens, backend):
     from sparsebert.runtime.add_norm import FusedAddNorm
+    from sparsebert.runtime.sparse_linear import sync_threads, tiles_for_every_thread
 
-    w = sparse_weight(77, 50, 0.85)
-    b = torch.randn(77)
     ln = nn.LayerNorm(77, eps=1e-6)
     with torch.no_grad():
         ln.weight.normal_()
         ln.bias.normal_()
     h, residual = torch.randn(tokens, 50), torch.randn(tokens, 77) * 2
-    block = FusedAddNorm(SparseLinear(w, b), ln)
+    if kind == "linear":
+        w, b = sparse_weight(77, 50, 0.85), torch.randn(77)
+        dense = SparseLinear(w, b)
+        product = h @ w.T + b
+    else:
+        first, second = nn.Linear(50, 120), nn.Linear(120, 77)
+        with torch.no_grad():
+            for lin in (first, second):
+                lin.weight.mul_(torch.rand_like(lin.weight) > 0.85)
+        dense = SparseFFN(first, second)
+        with torch.no_grad():
+            product = second(torch.nn.functional.gelu(first(h)))
+    block = FusedAddNorm(dense, ln)
     with torch.inference_mode():
         got = block(h.reshape(1, tokens, 50), residual.reshape(1, tokens, 77))
-        ref = ln(h @ w.T + b + residual).reshape(1, tokens, 77)
-        fused = block.dense.forward_add_norm(h, residual, ln)
+        ref = ln(product + residual).reshape(1, tokens, 77)
+        fused = dense.forward_add_norm(h, residual, ln)
     assert_close(got, ref)
-    # the one-pass kernel runs wherever the native sparse kernel serves the product
-    from sparsebert.runtime.sparse_linear import sync_threads, work_chunks
-
-    enough_tiles = work_chunks(tokens, block.dense.sparse.n_groups, sync_threads()) == 1
-    assert (fused is not None) == (backend == "native" and enough_tiles)
+    # the one-pass kernel runs wherever the native kernels serve the product
+    assert (fused is not None) == (backend == "native" and tiles_for_every_thread(tokens, sync_threads()))
     if fused is not None:
         assert_close(fused, ref.reshape(tokens, 77))
 

@@ -27,6 +27,7 @@ from sparsebert.runtime.sparse_linear import (
     check_inference,
     run_spmm,
     sync_threads,
+    tiles_for_every_thread,
 )
 
 
@@ -148,7 +149,7 @@ class SparseFFN(nn.Module):
             return None
         x2 = as_matrix(x, self.in_features, "SparseFFN")
         threads = sync_threads()
-        if -(-x2.shape[0] // kernels.LANES) < 2 * threads:
+        if not tiles_for_every_thread(x2.shape[0], threads):
             return None
         out = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
         native.ffn(x2, self.first.rows, self.first.bias_natural, self.second.rows,
@@ -162,7 +163,7 @@ class SparseFFN(nn.Module):
         n_tok = x2.shape[0]
         out = torch.empty((n_tok, self.out_features), dtype=torch.float32)
         threads = sync_threads()
-        if -(-n_tok // kernels.LANES) < 2 * threads:
+        if not tiles_for_every_thread(n_tok, threads):
             hidden = torch.empty((n_tok, self.hidden_features), dtype=torch.float32)
             run_spmm(x2, self.first, kernels.ACT_GELU, hidden)
             run_spmm(hidden, self.second, kernels.ACT_NONE, out)

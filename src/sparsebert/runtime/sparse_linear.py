@@ -37,11 +37,17 @@ def sync_threads() -> int:
     return n
 
 
+def tiles_for_every_thread(n_tokens: int, threads: int) -> bool:
+    """Whether ``n_tokens`` make at least two 16-token tiles per thread: then the kernels
+    split work by token tiles (the native kernels only ever do), else by output rows."""
+    return -(-n_tokens // kernels.LANES) >= 2 * threads
+
+
 def work_chunks(n_tokens: int, n_groups: int, threads: int) -> int:
     """Row chunks per token tile, so that small inputs (batch 1) still give every thread work."""
-    n_tiles = -(-n_tokens // kernels.LANES)
-    if n_tiles >= 2 * threads:
+    if tiles_for_every_thread(n_tokens, threads):
         return 1
+    n_tiles = -(-n_tokens // kernels.LANES)
     return max(1, min(n_groups, -(-2 * threads // n_tiles)))
 
 
@@ -188,7 +194,7 @@ class SparseLinear(nn.Module):
             return None
         x2 = as_matrix(x, self.in_features, "SparseLinear")
         threads = sync_threads()
-        if work_chunks(x2.shape[0], self.sparse.n_groups, threads) != 1:
+        if not tiles_for_every_thread(x2.shape[0], threads):
             return None
         out = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32)
         native.spmm(x2, self.rows, self.bias_natural, kernels.ACT_NONE, out, torch.get_num_threads(),
