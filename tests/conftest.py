@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from sparsebert.models import embedded_model_dir
 
@@ -23,6 +23,12 @@ def tiny_config(num_labels: int = 2) -> BertConfig:
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
     )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's (BERT uncased WordPiece) tokenizer."""
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +64,15 @@ def sst2_dir(tmp_path_factory) -> str:
             for text, label in _sentences(n, seed):
                 f.write(f"{text} \t{label}\n")
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """A tiny random BertForMaskedLM (an MLM head, so SMP classifies with label words)."""
+    path = str(tmp_path_factory.mktemp("tiny-mlm"))
+    torch.manual_seed(1)
+    config = BertConfig.from_pretrained(tiny_model_dir)
+    config.architectures = None
+    BertForMaskedLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(path)
+    return path

@@ -9,7 +9,8 @@ from torch import nn
 from sparsebert.allocation import masks_from_scores, n_pruned, topk_mask
 from sparsebert.errors import SparseBertError
 from sparsebert.masks import FixedMasks
-from sparsebert.methods.gmp import GradualMagnitudePruner, magnitude_scores
+from sparsebert.methods.gradual import GradualPruner as GradualMagnitudePruner
+from sparsebert.methods.gradual import ranked_scores as magnitude_scores
 from sparsebert.schedules import GradualSchedule
 
 

@@ -8,7 +8,8 @@ from sparsebert.cli import main
 from sparsebert.errors import SparseBertError
 from sparsebert.recipe import load_recipe
 from sparsebert.targets import select_targets
-from sparsebert.tasks.glue import get_task, load_split
+from sparsebert.tasks import get_task
+from sparsebert.tasks.glue import load_split
 
 
 def _cli_error(capsys, argv) -> str:

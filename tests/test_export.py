@@ -156,3 +156,234 @@ def test_export_model_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SparseBertError, match="no config.json"):
         export_model(tmp_path / "empty", tmp_path / "out")
+
+
+# -- integrity: checksums in the compressed format (version 2) --------------------------------------
+QUERY = "bert.encoder.layer.0.attention.self.query.weight"
+
+
+def write_version_1(model, path) -> None:
+    """A compressed file as sparsebert wrote it before checksums (format version 1)."""
+    from sparsebert.export import compress_state_dict
+
+    tensors, metadata = compress_state_dict(model)
+    metadata = {k: metadata[k] for k in ("format", "value_dtype", "tensors")}
+    metadata["format_version"] = "1"
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def rewrite(path, change_tensors=None, change_metadata=None, fix_checksums=True) -> None:
+    """Rewrite a compressed file with changed tensors/metadata (checksums recomputed)."""
+    from safetensors import safe_open
+
+    from sparsebert.export import tensor_checksum
+    from sparsebert.export.compressed import _crc
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata())
+    if change_tensors:
+        change_tensors(tensors)
+    if change_metadata:
+        change_metadata(metadata)
+    if fix_checksums:
+        metadata["checksums"] = json.dumps({n: tensor_checksum(t) for n, t in tensors.items()})
+        metadata["tensors_checksum"] = _crc(metadata["tensors"].encode())
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def tensor_offset(path, name) -> int:
+    from sparsebert.safe_load import safetensors_header
+
+    header, _ = safetensors_header(path)
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    return 8 + n + header[name]["data_offsets"][0]
+
+
+def test_every_stored_tensor_has_a_checksum(tmp_path):
+    from safetensors import safe_open
+
+    from sparsebert.export import CHECKSUM_ALGORITHM, FORMAT_VERSION, tensor_checksum
+
+    assert FORMAT_VERSION == 2 and CHECKSUM_ALGORITHM == "crc32"
+    save_compressed(tiny_bert(0.9), tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        sums = json.loads(meta["checksums"])
+        assert meta["format_version"] == "2" and meta["checksum"] == "crc32"
+        assert set(sums) == set(f.keys())
+        for name in f.keys():
+            assert sums[name] == tensor_checksum(f.get_tensor(name))
+
+
+@pytest.mark.parametrize("tensor,byte,xor", [
+    (QUERY + "::values", 0, 0x01),  # a mantissa bit of a kept weight
+    (QUERY + "::values", 3, 0x40),  # its exponent
+    (QUERY + "::mask", 0, 0xFF),  # eight mask bits
+    ("bert.embeddings.LayerNorm.bias", 0, 0x01),  # a zero of a dense tensor
+])  # fmt: skip
+def test_load_compressed_detects_a_flipped_byte(tmp_path, tensor, byte, xor):
+    path = tmp_path / "m.safetensors"
+    save_compressed(tiny_bert(0.9), path)
+    data = bytearray(path.read_bytes())
+    data[tensor_offset(path, tensor) + byte] ^= xor
+    path.write_bytes(bytes(data))
+    with pytest.raises(SparseBertError) as err:
+        load_compressed(path)
+    msg = str(err.value)
+    assert str(path) in msg and "is corrupted: checksum mismatch in tensor" in msg
+    assert f"'{tensor}'" in msg and "re-export it" in msg
+
+
+def test_two_swapped_mask_bits_are_detected(tmp_path):
+    """Same popcount, same number of values: only the checksum can tell."""
+    path = tmp_path / "m.safetensors"
+    save_compressed(tiny_bert(0.9), path)
+    start = tensor_offset(path, QUERY + "::mask")
+    data = bytearray(path.read_bytes())
+    for i in range(start, start + 128):
+        b = data[i]
+        if (b & 1) != ((b >> 1) & 1):  # bits 0 and 1 differ: swap them
+            data[i] = b ^ 0b11
+            break
+    else:
+        pytest.fail("no byte with two different adjacent bits")
+    path.write_bytes(bytes(data))
+    with pytest.raises(SparseBertError, match=rf"corrupted: checksum mismatch in tensor '{QUERY}::mask'"):
+        load_compressed(path)
+
+
+def test_popcount_shape_and_description_checks(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_compressed(tiny_bert(0.9), path)
+    good = path.read_bytes()
+
+    def drop_value(t):
+        t[QUERY + "::values"] = t[QUERY + "::values"][:-1].clone()
+
+    rewrite(path, drop_value)
+    with pytest.raises(SparseBertError, match=rf"mask of '{QUERY}' has \d+ bits set but \d+ values"):
+        load_compressed(path)
+
+    def bad_shape(meta):
+        info = json.loads(meta["tensors"])
+        info[QUERY]["shape"] = [32, 40]
+        info["classifier.bias"]["shape"] = [3]
+        meta["tensors"] = json.dumps(info)
+
+    path.write_bytes(good)
+    rewrite(path, change_metadata=bad_shape)
+    with pytest.raises(SparseBertError) as err:
+        load_compressed(path)
+    assert f"mask of '{QUERY}' is uint8 [128], expected uint8 [160]" in str(err.value)
+    assert "and 1 more problem" in str(err.value)
+
+    path.write_bytes(good)
+    rewrite(path, change_metadata=bad_shape, fix_checksums=False)  # description changed after save
+    with pytest.raises(SparseBertError, match=r"checksum mismatch in the tensor description"):
+        load_compressed(path)
+
+    def extra_tensor(t):
+        t["intruder"] = torch.zeros(2)
+
+    path.write_bytes(good)
+    rewrite(path, extra_tensor)
+    with pytest.raises(SparseBertError, match="tensor 'intruder' is not in the tensor description"):
+        load_compressed(path)
+
+
+def test_mask_padding_bits_must_be_zero(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_compressed({"w": torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])}, path)
+
+    def set_padding_bit(t):
+        bits = t["w::mask"].clone()
+        bits[1] |= 0x80  # bit 15 of 16: beyond the 9 weights
+        t["w::mask"] = bits
+
+    rewrite(path, set_padding_bit)
+    with pytest.raises(SparseBertError, match="mask of 'w' has bits set beyond its 9 weights"):
+        load_compressed(path)
+
+
+def test_truncated_compressed_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_compressed(tiny_bert(0.9), path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(SparseBertError, match=r"not a safetensors file, or it is truncated"):
+        load_compressed(path)
+
+
+def test_version_1_files_load_with_a_warning(tmp_path, caplog):
+    model = tiny_bert(0.9)
+    write_version_1(model, tmp_path / "v1.safetensors")
+    with caplog.at_level("WARNING", logger="sparsebert"):
+        loaded = load_compressed(tmp_path / "v1.safetensors")
+    for name, t in model.state_dict().items():
+        assert torch.equal(bits(loaded[name]), bits(t)), name
+    assert "version 1, which has no checksums: it cannot be verified" in caplog.text
+
+
+# -- export: bad --out, bad --opset, a compressed export as input -----------------------------------
+def test_export_out_is_an_existing_file(tmp_path, capsys):
+    from sparsebert.cli import main
+
+    tiny_bert(0.9).save_pretrained(tmp_path / "src")
+    (tmp_path / "out.onnx").write_text("")
+    with pytest.raises(SparseBertError, match=r"--out .*out.onnx is an existing file, not a directory"):
+        export_model(tmp_path / "src", tmp_path / "out.onnx")
+    with pytest.raises(SparseBertError, match=r"its parent .*out.onnx is an existing file"):
+        export_model(tmp_path / "src", tmp_path / "out.onnx" / "sub")
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "sparsebert: error:" in err and "existing file" in err and "Traceback" not in err
+
+
+def test_export_opset_out_of_range(tmp_path, capsys):
+    from sparsebert.cli import main
+    from sparsebert.export import onnx_opset_range
+
+    low, high = onnx_opset_range()
+    tiny_bert(0.9).save_pretrained(tmp_path / "src")
+    expected = rf"ONNX opset 3 is not supported: .* exports opsets {low} to {high}"
+    with pytest.raises(SparseBertError, match=expected):
+        export_model(tmp_path / "src", tmp_path / "out", format="onnx", opset=3)
+    assert not (tmp_path / "out").exists()  # checked before any work
+    with pytest.raises(SparseBertError, match="opset 99 is not supported"):
+        export_onnx(tiny_bert(0.9), None, tmp_path / "m.onnx", opset=99)
+    assert main(["export", str(tmp_path / "src"), "--format", "onnx", "--out", str(tmp_path / "o"),
+                 "--opset", "3"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"opsets {low} to {high}" in err and "Traceback" not in err
+
+
+def test_export_opset_the_model_cannot_use(tmp_path):
+    expected = r"ONNX export of BertForSequenceClassification at opset 7 failed: .*Try a newer opset"
+    with pytest.raises(SparseBertError, match=expected):
+        export_onnx(tiny_bert(0.9), {"batch": 2, "seq": 8}, tmp_path / "m.onnx", opset=7)
+
+
+def test_export_of_a_compressed_export(tmp_path):
+    model = tiny_bert(0.9)
+    model.save_pretrained(tmp_path / "src")
+    export_model(tmp_path / "src", tmp_path / "c")
+    assert (tmp_path / "c" / "checksums.json").is_file()
+    info = export_model(tmp_path / "c", tmp_path / "o", format="onnx")
+    assert info["onnx"]["max_abs_diff"] <= 1e-4
+    assert "checksums.json" not in info["copied"] and "sparsebert_export.json" not in info["copied"]
+    files = json.loads((tmp_path / "o" / "checksums.json").read_text())["files"]
+    assert "model.onnx" in files and COMPRESSED_FILE not in files
+    export_model(tmp_path / "c", tmp_path / "c2")
+    for name, t in model.state_dict().items():
+        assert torch.equal(load_compressed(tmp_path / "c2")[name], t), name
+
+
+def test_export_of_a_corrupted_model_is_refused(tmp_path, capsys):
+    from sparsebert.cli import main
+
+    tiny_bert(0.9).save_pretrained(tmp_path / "src")
+    weights = tmp_path / "src" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors is not a valid safetensors file (truncated or corrupted)" in err

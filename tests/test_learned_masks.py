@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForMaskedLM
 
 from sparsebert.allocation import n_pruned
 from sparsebert.cli import main
 from sparsebert.learned_masks import LearnedMasks, binarize, matrix_type, smp_s_keep_ratios
-from sparsebert.methods.learned import build_learned_method
+from sparsebert.methods.base import build_method as build_learned_method
 from sparsebert.models import embedded_model_dir
 from sparsebert.pipeline import DataOptions, train_and_prune
 from sparsebert.recipe import load_recipe
@@ -27,18 +27,6 @@ from sparsebert.targets import select_targets
 
 TRAIN = {"per_device_train_batch_size": 8, "logging_steps": 2, "use_cpu": True,
          "dataloader_pin_memory": False}
-
-
-@pytest.fixture(scope="session")
-def tiny_mlm_dir(tmp_path_factory, tiny_model_dir) -> str:
-    """A tiny random BertForMaskedLM (an MLM head, so SMP classifies with label words)."""
-    path = str(tmp_path_factory.mktemp("tiny-mlm"))
-    torch.manual_seed(1)
-    config = BertConfig.from_pretrained(tiny_model_dir)
-    config.architectures = None
-    BertForMaskedLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(path)
-    return path
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -362,7 +350,7 @@ def test_recipe_validation_for_learned_masks(tiny_model_dir, sst2_dir, tmp_path)
         train_and_prune(embedded_model_dir(), DataOptions("sst2", sst2_dir), load_recipe("mask-train"),
                         str(tmp_path / "x"))
     with pytest.raises(SparseBertError, match="no prompt template"):
-        from sparsebert.tasks.glue import get_task
+        from sparsebert.tasks import get_task
         from sparsebert.tasks.prompts import get_prompt
 
         get_prompt(get_task("stsb"))
@@ -370,7 +358,7 @@ def test_recipe_validation_for_learned_masks(tiny_model_dir, sst2_dir, tmp_path)
 
 def test_prompt_encoding_and_head_read_the_mask_position(tiny_mlm_dir):
     from sparsebert.prompt_head import PromptClassifier
-    from sparsebert.tasks.glue import get_task
+    from sparsebert.tasks import get_task
     from sparsebert.tasks.prompts import PROMPTS, encode_prompt, label_word_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_mlm_dir)

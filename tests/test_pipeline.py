@@ -15,8 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sparsebert.cli import main
 from sparsebert.masks import FixedMasks
-from sparsebert.methods.gmp import GradualMagnitudePruner
-from sparsebert.pipeline import DataOptions, train_and_prune
+from sparsebert.methods.gradual import GradualPruner as GradualMagnitudePruner
+from sparsebert.pipeline import DataOptions, train_and_prune, train_run
 from sparsebert.recipe import load_recipe
 from sparsebert.report import sparsity_report
 from sparsebert.targets import select_targets
@@ -45,17 +45,25 @@ def test_prune_save_and_plain_load_give_same_logits(tiny_model_dir, sst2_dir, tm
 
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert sparsity_report(model)["target_sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_the_saved_model_is_the_trained_one(tiny_model_dir, sst2_dir, tmp_path):
+    """Plain transformers loading gives back the model that was trained in memory: same
+    parameters, same logits (compared with the trained model, not with another reload)."""
+    out = str(tmp_path / "pruned")
+    run = train_run(tiny_model_dir, DataOptions("sst2", sst2_dir, max_eval_samples=8),
+                    load_recipe("gmp", ["sparsity=0.9", "schedule.frequency=0.2"]), out,
+                    teacher_path=tiny_model_dir, training_overrides={**TRAIN, "max_steps": 6})
+    trained = run.model.eval()
+    loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    assert not torch.equal(trained.classifier.weight, start.classifier.weight)  # it did train
+    for (name, a), (_, b) in zip(trained.named_parameters(), loaded.named_parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach()), name
     tok = AutoTokenizer.from_pretrained(out)
     batch = tok(["a good film", "an awful boring plot"], return_tensors="pt", padding=True)
-    # the same logits as the in-memory model that was trained: rebuild it from the state dict
-    again = AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, again(**batch).logits)
-    from safetensors.torch import load_file
-
-    stored = load_file(os.path.join(out, "model.safetensors"))
-    for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), stored[name]), name
+        assert torch.equal(trained(**batch).logits, loaded(**batch).logits)
 
 
 def test_finetune_then_evaluate_and_sparsity_cli(tiny_model_dir, sst2_dir, tmp_path, capsys):
@@ -134,3 +142,55 @@ def test_two_process_prune_has_identical_masks(tiny_model_dir, sst2_dir, tmp_pat
     model = AutoModelForSequenceClassification.from_pretrained(out)
     rep = sparsity_report(model)
     assert rep["target_zeros"] == round(0.9 * rep["target_numel"])
+
+
+def _params(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_same_command_and_seed_give_bit_identical_models(tiny_model_dir, sst2_dir, tmp_path):
+    recipe = load_recipe("gmp", ["sparsity=0.8", "schedule.frequency=0.25"])
+    data = DataOptions("sst2", sst2_dir, max_eval_samples=8)
+    args = {**TRAIN, "max_steps": 6, "save_strategy": "no"}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train_and_prune(tiny_model_dir, data, recipe, a, training_overrides=args)
+    train_and_prune(tiny_model_dir, data, recipe, b, training_overrides=args)
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+def test_a_new_head_is_seeded_too(tiny_model_dir, sst2_dir, tmp_path):
+    """A pretrained model gets a new classifier before training starts: from the run's seed."""
+    data = DataOptions("stsb", None)
+    from transformers import set_seed
+
+    from sparsebert.models import load_model
+    from sparsebert.tasks import get_task
+
+    heads = []
+    for _ in range(2):
+        set_seed(7)
+        heads.append(load_model(tiny_model_dir, get_task(data.task)).classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+
+
+def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tiny_model_dir, sst2_dir, tmp_path):
+    """Killed at checkpoint 15 of 20 (mid second epoch: 96 examples = 12 batches of 8),
+    resumed: the same final model, bit for bit, with length-grouped batches and dropout on."""
+    recipe = load_recipe("gmp", ["sparsity=0.8", "schedule.frequency=0.25"])
+    data = DataOptions("sst2", sst2_dir, max_eval_samples=8)
+    args = {**TRAIN, "max_steps": 20, "save_steps": 15, "save_total_limit": None,
+            "train_sampling_strategy": "group_by_length"}
+    full = str(tmp_path / "full")
+    train_and_prune(tiny_model_dir, data, recipe, full, training_overrides=args)
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(full, "checkpoint-15"), os.path.join(resumed, "checkpoint-15"))
+    train_and_prune(tiny_model_dir, data, recipe, resumed, training_overrides=args, resume="auto")
+    pa, pb = _params(full), _params(resumed)
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name

@@ -9,7 +9,8 @@ import pytest
 from transformers import EvalPrediction
 
 from sparsebert.errors import SparseBertError
-from sparsebert.tasks.glue import compute_metrics_fn, get_task, load_split, read_glue_file
+from sparsebert.tasks import get_task
+from sparsebert.tasks.glue import compute_metrics_fn, load_split, read_glue_file
 
 # CI clones the repo with ../shared beside it: the real copies are part of the test contract.
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

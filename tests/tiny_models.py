@@ -28,3 +28,18 @@ def tiny_bert(
             for name, p in targets.items():
                 p.masked_fill_(~masks[name], 0.0)
     return model
+
+
+def predict_with_tiny_model(model_class, task, features, tokenizer, out_dir: str, batch_size: int = 4):
+    """``Trainer.predict`` of a tiny random model of ``model_class`` for ``task`` (one layer,
+    the tokenizer's vocabulary) on encoded ``features``, and the model: checks that a task's
+    features, collator and `preprocess_logits` go through the Trainer."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=task.num_labels)
+    args = TrainingArguments(out_dir, per_device_eval_batch_size=batch_size, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model_class(config), args=args, data_collator=task.collator(tokenizer),
+                      preprocess_logits_for_metrics=task.preprocess_logits)
+    return trainer.predict(features), trainer.model

@@ -23,7 +23,10 @@ EPILOG = (
 
 
 def _data_options(p: argparse.ArgumentParser, train: bool = True) -> None:
-    p.add_argument("--task", required=True, help="GLUE task: cola sst2 mrpc stsb qqp mnli qnli rte")
+    p.add_argument("--task", required=True,
+                   help="a registered task (`sparsebert tasks` lists them), e.g. sst2 mnli stsb")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: it registers extra tasks, criteria, methods or loss terms")
     p.add_argument(
         "--data-dir",
         help="folder with GLUE-format files (or task subfolders); "
@@ -64,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ft = sub.add_parser(
-        "finetune", help="dense fine-tuning (e.g. the teacher for distillation)", epilog=EPILOG
+        "finetune", help="fine-tuning (e.g. the teacher); a sparse model keeps its zeros", epilog=EPILOG
     )
     _train_options(ft)
+    ft.add_argument("--unlock-mask", action="store_true",
+                    help="let the zeros of an already sparse model become non-zero (default: locked)")
 
     pr = sub.add_parser(
         "prune", help="prune while fine-tuning with a recipe (GMP* by default)", epilog=EPILOG
@@ -110,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch sparse onnxruntime deepsparse (default: all that are installed)")
     be.add_argument("--out", default="bench_results", help="folder for bench.json and bench.md")
 
+    ve = sub.add_parser("verify", help="check a saved model, checkpoint or export for corruption")
+    ve.add_argument("path", help="model / checkpoint / export folder (or one .safetensors file)")
+    ve.add_argument("--json", action="store_true", help="print JSON instead of a report")
+
     sub.add_parser("recipes", help="list the shipped recipes")
+    sub.add_parser("tasks", help="list the registered tasks")
     return parser
 
 
@@ -179,10 +189,14 @@ def _run_training(ns: argparse.Namespace, rest: list[str]) -> int:
         teacher_path=getattr(ns, "teacher", None),
         training_overrides=_training_overrides(rest),
         resume=ns.resume,
+        unlock_mask=getattr(ns, "unlock_mask", False),
     )
     summary = {k: info[k] for k in ("task", "target_sparsity", "train_steps", "wall_seconds")}
+    summary["method"] = info["method"]["name"]
     summary["measured_sparsity"] = info["sparsity"]["target_sparsity"]
     summary["metrics"] = info["metrics"]
+    if len(info["eval_sets"]) > 1:
+        summary["eval_sets"] = info["eval_sets"]
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -192,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
     try:
+        if getattr(ns, "plugin", None):
+            from sparsebert.registry import load_plugins
+
+            load_plugins(ns.plugin)
         if ns.command in ("finetune", "prune"):
             return _run_training(ns, rest)
         if rest:
@@ -203,15 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate_saved(ns.model, data, ns.batch_size), indent=2))
             return 0
         if ns.command == "sparsity":
-            from transformers import AutoModel
             from transformers.utils import logging as hf_logging
 
-            from sparsebert.models import resolve_model_path
-
-            hf_logging.set_verbosity_error()  # the report, not a load report of unused heads
+            from sparsebert.export import load_any
             from sparsebert.report import format_report, sparsity_report
 
-            model = AutoModel.from_pretrained(resolve_model_path(ns.model))
+            hf_logging.set_verbosity_error()  # the report, not a load report of unused heads
+            model = load_any(ns.model)  # a saved model folder, a compressed export or a hub name
             report = sparsity_report(model, ns.targets)
             print(json.dumps(report, indent=2) if ns.json else format_report(report))
             return 0
@@ -219,10 +235,25 @@ def main(argv: list[str] | None = None) -> int:
             return _run_export(ns)
         if ns.command == "bench":
             return _run_bench(ns)
+        if ns.command == "verify":
+            from sparsebert.verify import verify_path
+
+            result = verify_path(ns.path)
+            print(json.dumps(result.to_dict(), indent=2) if ns.json else result.format())
+            if not result.ok:
+                raise SparseBertError(f"{len(result.problems)} problem(s) in {ns.path} (listed above)")
+            return 0
         if ns.command == "recipes":
             from sparsebert.recipe import available_recipes
 
             print("\n".join(available_recipes()))
+            return 0
+        if ns.command == "tasks":
+            from sparsebert.tasks import TASKS
+
+            for name in TASKS.names():
+                task = TASKS.get(name)
+                print(f"{name:<16} {task.kind:<24} {', '.join(e.name for e in task.eval_sets())}")
             return 0
     except SparseBertError as err:
         print(f"sparsebert: error: {err}", file=sys.stderr)

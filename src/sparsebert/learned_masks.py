@@ -34,12 +34,34 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sparsebert.allocation import masks_from_scores, n_pruned, topk_mask
 from sparsebert.errors import SparseBertError, check_sparsity
 
 BINARIZERS = ("topk", "threshold", "sigmoid-threshold")
 SCORE_INITS = ("zeros", "magnitude", "magnitude-hard", "magnitude-soft")
+
+
+class _StepCounter:
+    """Counts optimizer steps of every torch optimizer in the process.
+
+    Why: a cached mask must be recomputed when its scores change, and the scores change in
+    ``optimizer.step()``. ``Tensor._version`` does not see every update: the fused AdamW
+    kernels (the Trainer's default optimizer) write the parameters without bumping it, so a
+    cache keyed on it alone froze the masks. A global step post-hook sees every optimizer
+    that subclasses `torch.optim.Optimizer`, fused or not, in the Trainer or a plain loop;
+    `LearnedMasks.invalidate` covers anything else.
+    """
+
+    value = 0
+
+    @classmethod
+    def bump(cls, *_args) -> None:
+        cls.value += 1
+
+
+register_optimizer_step_post_hook(_StepCounter.bump)
 
 
 # -- binarisers ---------------------------------------------------------------------------------
@@ -83,8 +105,9 @@ class ScoreMask(nn.Module):
 
     ``binarizer`` may change during training (a final exact top-k phase), ``keep`` (a count)
     and ``threshold`` follow the method's schedule. The binary mask is cached per version of
-    S, so it is computed once per optimizer step (and once for a whole evaluation), not once
-    per forward; the straight-through function re-attaches the gradient path to S.
+    S and of the process's optimizer steps, so it is computed once per optimizer step (and
+    once for a whole evaluation), not once per forward; the straight-through function
+    re-attaches the gradient path to S.
     """
 
     def __init__(self, scores: torch.Tensor, binarizer: str, keep: int, threshold: float = 0.0):
@@ -98,6 +121,7 @@ class ScoreMask(nn.Module):
         self.register_buffer("threshold_value", torch.tensor(float(threshold), dtype=torch.float64))
         self.fixed: torch.Tensor | None = None  # a frozen mask (set just before baking)
         self._cache: tuple | None = None
+        self._generation = 0  # bumped by `invalidate`
 
     @property
     def numel(self) -> int:
@@ -119,11 +143,17 @@ class ScoreMask(nn.Module):
     def threshold(self, value: float) -> None:
         self.threshold_value.fill_(float(value))
 
+    def invalidate(self) -> None:
+        """Forget the cached mask (the scores were changed by something the cache cannot see)."""
+        self._generation += 1
+
     def current_mask(self) -> torch.Tensor:
-        """The boolean mask in force (cached until S, the binariser or its parameter change)."""
+        """The boolean mask in force (cached until S, the binariser or its parameter change, or
+        any optimizer steps)."""
         if self.fixed is not None:
             return self.fixed
-        key = (self.scores._version, self.scores.data_ptr(), self.binarizer, self.keep, self.threshold)
+        key = (_StepCounter.value, self._generation, self.scores._version, self.scores.data_ptr(),
+               self.binarizer, self.keep, self.threshold)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, binary_mask(self.scores, self.binarizer, self.keep, self.threshold))
         return self._cache[1]
@@ -269,6 +299,12 @@ class LearnedMasks:
         """The unmasked weight Parameter of a target."""
         module, attr = self.modules[name]
         return module.parametrizations[attr].original
+
+    def invalidate(self) -> None:
+        """Recompute every mask at the next forward (after a step of an optimizer that is not a
+        `torch.optim.Optimizer`; torch optimizers are seen by a global step hook)."""
+        for m in self.masks.values():
+            m.invalidate()
 
     def current_masks(self) -> dict[str, torch.Tensor]:
         return {n: m.current_mask() for n, m in self.masks.items()}

@@ -1,6 +1,10 @@
-"""One run, end to end: recipe + model + task -> train (pruning, KD) -> evaluate -> save.
+"""One run, end to end: recipe + model + task -> train (a pruning method, a loss of terms) ->
+evaluate every evaluation set of the task -> save.
 
-The CLI and the benchmarks call these functions; they are the public Python API too.
+Task-agnostic: the task (`tasks.base.Task`) says which model class, data, collator,
+evaluation sets and distilled outputs; the recipe names a registered pruning method; the
+loss is a list of `losses.LossTerm`s. The CLI and the benchmarks call these functions; they
+are the public Python API too.
 """
 
 from __future__ import annotations
@@ -9,20 +13,22 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from sparsebert.config import Recipe
 from sparsebert.errors import SparseBertError
-from sparsebert.methods.gmp import GradualMagnitudePruner
-from sparsebert.models import load_classifier, load_tokenizer, resolve_model_path
-from sparsebert.recipe import Recipe
+from sparsebert.losses import LossTerm, distillation_terms
+from sparsebert.methods.base import MethodContext, PruningMethod, build_method
+from sparsebert.models import RUN_INFO_FILE, load_model, load_tokenizer, resolve_model_path
 from sparsebert.report import format_report, sparsity_report
+from sparsebert.safe_load import check_model_folder
 from sparsebert.targets import select_targets
-from sparsebert.tasks.glue import GlueTask, compute_metrics_fn, get_task, load_split
-from sparsebert.tasks.prompts import get_prompt, label_word_ids, tokenize_with_prompt
+from sparsebert.tasks.base import EvalSet, Task, get_task
+from sparsebert.verify import write_checksums
 
 logger = logging.getLogger("sparsebert")
-RUN_INFO_FILE = "sparsebert.json"
 
 # Our defaults for TrainingArguments, below the recipe's `training` section and the CLI.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -38,6 +44,11 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 42,
 }
 
+SPARSE_MODEL_MIN_ZEROS = 0.05
+"""A starting model whose targeted weights are at least this fraction exact zeros is taken
+as pruned: `finetune` keeps its zeros (sparse transfer) unless told to unlock them. Trained
+dense weights have practically no exact zeros."""
+
 
 @dataclass
 class DataOptions:
@@ -47,6 +58,25 @@ class DataOptions:
     max_eval_samples: int | None = None
     max_seq_length: int = 128
     eval_split: str = "validation"
+
+
+@dataclass
+class EvalData:
+    """One evaluation set, loaded and encoded."""
+
+    eval_set: EvalSet
+    examples: Any
+    features: Any
+
+
+@dataclass
+class TrainRun:
+    """What `train_run` returns: the run info (also in ``sparsebert.json``), the trained model
+    in memory (for a prompt classifier, the masked-LM model it wraps) and the trainer."""
+
+    info: dict[str, Any]
+    model: Any
+    trainer: Any = field(repr=False, default=None)
 
 
 def build_training_args(output_dir: str, recipe: Recipe, explicit: dict[str, Any] | None = None):
@@ -60,36 +90,60 @@ def build_training_args(output_dir: str, recipe: Recipe, explicit: dict[str, Any
         raise SparseBertError(f"invalid training arguments: {err}") from None
 
 
-def tokenize(ds, tokenizer, task: GlueTask, max_seq_length: int):
-    """Tokenise text_a [, text_b] and add a `length` column for length-grouped batching."""
+# -- data -------------------------------------------------------------------------------------------
+def eval_sets_for(task: Task, split: str = "validation") -> list[EvalSet]:
+    """The task's evaluation sets; a split other than ``validation`` is evaluated alone."""
+    if split == "validation":
+        return task.eval_sets()
+    return [EvalSet(split, split)]
 
-    def fn(batch):
-        texts = (batch["text_a"], batch["text_b"]) if task.pair else (batch["text_a"],)
-        enc = tokenizer(*texts, truncation=True, max_length=max_seq_length)
-        enc["length"] = [len(x) for x in enc["input_ids"]]
-        return enc
 
-    drop = [c for c in ds.column_names if c.startswith("text_")]
-    return ds.map(fn, batched=True, remove_columns=drop, desc=f"tokenising {task.name}")
+def load_eval_data(task: Task, data: DataOptions, tokenizer, prompt: bool = False) -> list[EvalData]:
+    """Every evaluation set of the task, encoded; optional sets whose data is absent are skipped."""
+    out = []
+    for es in eval_sets_for(task, data.eval_split):
+        try:
+            raw = task.load_eval_set(es, data.data_dir, data.max_eval_samples)
+        except SparseBertError as err:
+            if es.optional:
+                logger.info("evaluation set %s skipped: %s", es.name, err)
+                continue
+            raise
+        feats = task.encode_prompt(raw, tokenizer, data.max_seq_length) if prompt else \
+            task.encode_eval(raw, tokenizer, data.max_seq_length)
+        out.append(EvalData(es, raw, feats))
+    return out
 
 
 def prepare_datasets(data: DataOptions, tokenizer, need_train: bool = True, prompt: bool = False):
-    """Load and tokenise the task's splits (as prompt-filled texts for an MLM head if ``prompt``)."""
+    """The task, its encoded training set (None unless ``need_train``) and its evaluation data."""
     task = get_task(data.task)
-    encode = tokenize_with_prompt if prompt else tokenize
-    train = None
+    train = raw_train = None
     if need_train:
-        train = load_split(task, "train", data.data_dir, max_samples=data.max_train_samples)
-        train = encode(train, tokenizer, task, data.max_seq_length)
-    evald = load_split(task, data.eval_split, data.data_dir, max_samples=data.max_eval_samples)
-    evald = encode(evald, tokenizer, task, data.max_seq_length)
-    return task, train, evald
+        raw_train = task.load_split("train", data.data_dir, data.max_train_samples)
+        train = task.encode_prompt(raw_train, tokenizer, data.max_seq_length) if prompt else \
+            task.encode(raw_train, tokenizer, data.max_seq_length)
+    return task, train, raw_train, load_eval_data(task, data, tokenizer, prompt)
 
 
-def use_prompt_head(recipe: Recipe, model_path: str | None, task: GlueTask) -> bool:
+def add_teacher_inputs(features, raw, task: Task, teacher_tokenizer, max_seq_length: int):
+    """Columns ``teacher_input_ids`` ... with the teacher's own encoding of the same examples
+    (the student reads a prompt, or another tokenizer)."""
+    theirs = task.encode(raw, teacher_tokenizer, max_seq_length)
+    for col in ("input_ids", "attention_mask", "token_type_ids"):
+        if col in theirs.column_names:
+            features = features.add_column(f"teacher_{col}", theirs[col])
+    return features
+
+
+def _same_vocabulary(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+# -- models -------------------------------------------------------------------------------------------
+def use_prompt_head(recipe: Recipe, model_path: str | None, task: Task) -> bool:
     """Whether a learned-mask run classifies through the model's MLM head with a prompt."""
     from sparsebert.prompt_head import has_mlm_head
-    from sparsebert.tasks.prompts import PROMPTS
 
     if recipe.masks is None or recipe.masks.head == "classifier":
         return False
@@ -101,31 +155,28 @@ def use_prompt_head(recipe: Recipe, model_path: str | None, task: GlueTask) -> b
                 f"masks.head: prompt needs a model with a trained masked-LM head; '{path}' has none "
                 "(use masks.head: auto to fall back to a trained classifier, or a *ForMaskedLM model)"
             )
-        get_prompt(task)  # raises for tasks without a template
+        if task.prompt() is None:
+            raise SparseBertError(
+                f"task {task.name} has no prompt template for an MLM head; use masks.head: classifier"
+            )
         return True
-    return has_head and task.name in PROMPTS
+    return has_head and task.prompt() is not None
 
 
-def load_prompt_classifier(model_path: str | None, tokenizer, task: GlueTask):
+def load_prompt_classifier(model_path: str | None, tokenizer, task: Task):
     """A `PromptClassifier` over the model's masked-LM head, with the task's label words."""
     from transformers import AutoModelForMaskedLM
 
     from sparsebert.prompt_head import PromptClassifier
+    from sparsebert.tasks.prompts import label_word_ids
 
     path = resolve_model_path(model_path)
-    mlm = AutoModelForMaskedLM.from_pretrained(path)
-    return PromptClassifier(mlm, tokenizer.mask_token_id, label_word_ids(tokenizer, get_prompt(task)))
+    check_model_folder(path)
+    mlm = AutoModelForMaskedLM.from_pretrained(path, use_safetensors=True)
+    return PromptClassifier(mlm, tokenizer.mask_token_id, label_word_ids(tokenizer, task.prompt()))
 
 
-def _is_finetuned_classifier(model_path: str | None) -> bool:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model_path(model_path))
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForSequenceClassification") for a in archs)
-
-
-def _head_description(recipe: Recipe, prompt: bool, model_path: str | None) -> str:
+def _head_description(recipe: Recipe, prompt: bool) -> str:
     if prompt:
         return "MLM head with label words at [MASK] (nothing but masks learned)"
     if recipe.masks is None or recipe.masks.train_weights:
@@ -137,15 +188,62 @@ def _head_description(recipe: Recipe, prompt: bool, model_path: str | None) -> s
     return "trained classifier (masks.head: classifier)"
 
 
-def _check_teacher(teacher, task: GlueTask, path: str) -> None:
-    if teacher.config.num_labels != task.num_labels:
-        raise SparseBertError(
-            f"teacher '{path}' has {teacher.config.num_labels} labels, {task.name} needs "
-            f"{task.num_labels}: distil from a model fine-tuned on this task"
-        )
+def choose_recipe(recipe: Recipe, model, unlock_mask: bool) -> Recipe:
+    """Dense fine-tuning of a model that is already sparse becomes sparse transfer (its zeros
+    locked) unless ``unlock_mask``; said in a log line either way."""
+    if recipe.method != "dense":
+        return recipe
+    targets = select_targets(model, recipe.targets)
+    total = sum(p.numel() for p in targets.values())
+    zeros = sum(int((p.detach() == 0).sum()) for p in targets.values())
+    fraction = zeros / total if total else 0.0
+    if fraction < SPARSE_MODEL_MIN_ZEROS:
+        return recipe
+    if unlock_mask:
+        logger.warning("the model is %.1f%% sparse: --unlock-mask given, its zeros may become non-zero",
+                       100 * fraction)
+        return recipe
+    logger.warning("the model is already %.1f%% sparse: fine-tuning with its mask locked (sparse "
+                   "transfer); pass --unlock-mask to let pruned weights grow back", 100 * fraction)
+    from dataclasses import replace
+
+    return replace(recipe, method="transfer", name=f"{recipe.name}+transfer")
 
 
-def train_and_prune(
+# -- evaluation ------------------------------------------------------------------------------------------
+def evaluate_all(trainer, task: Task, evals: Sequence[EvalData]) -> dict[str, dict[str, float]]:
+    """Metrics of every evaluation set: ``eval_<metric>`` for the first (in-distribution) set,
+    ``eval_<set>_<metric>`` for the others; each with its loss and runtime."""
+    results: dict[str, dict[str, float]] = {}
+    in_training_metrics = trainer.compute_metrics
+    trainer.compute_metrics = None  # it knows the first set only; each set is scored below
+    try:
+        for i, ev in enumerate(evals):
+            prefix = "eval" if i == 0 else f"eval_{ev.eval_set.name}"
+            pred = trainer.predict(ev.features, metric_key_prefix=prefix)
+            scores = task.score(ev.eval_set, pred.predictions, pred.label_ids, ev.features, ev.examples)
+            metrics = {**pred.metrics, **{f"{prefix}_{k}": v for k, v in scores.items()}}
+            if trainer.state.epoch is not None:
+                metrics["epoch"] = trainer.state.epoch
+            trainer.log(metrics)
+            results[ev.eval_set.name] = metrics
+    finally:
+        trainer.compute_metrics = in_training_metrics
+    return results
+
+
+def _compute_metrics(task: Task, ev: EvalData | None):
+    if ev is None:
+        return None
+
+    def compute(pred) -> dict[str, float]:
+        return task.score(ev.eval_set, pred.predictions, pred.label_ids, ev.features, ev.examples)
+
+    return compute
+
+
+# -- one run ---------------------------------------------------------------------------------------------
+def train_run(
     model_path: str | None,
     data: DataOptions,
     recipe: Recipe,
@@ -153,63 +251,82 @@ def train_and_prune(
     teacher_path: str | None = None,
     training_overrides: dict[str, Any] | None = None,
     resume: str | bool | None = None,
-) -> dict[str, Any]:
-    """Fine-tune (recipe method ``dense``), prune while fine-tuning (``gmp``) or learn masks
-    (movement, soft-movement, smp-l, smp-s, mask-train); save and report."""
-    from transformers import DataCollatorWithPadding
+    unlock_mask: bool = False,
+    extra_loss_terms: Sequence[LossTerm] = (),
+    callbacks: Sequence[Any] = (),
+) -> TrainRun:
+    """Fine-tune (recipe method ``dense``; a sparse model keeps its zeros), prune while
+    fine-tuning (``gmp``), transfer with a locked mask (``transfer``) or learn masks
+    (movement, soft-movement, smp-l, smp-s, mask-train); evaluate, save and report.
+
+    ``extra_loss_terms`` are added to the recipe's (task loss, distillation, the method's
+    penalty); ``callbacks`` are `transformers.TrainerCallback`s for the Trainer."""
+    from transformers import set_seed
 
     started = time.time()
-    tokenizer = load_tokenizer(model_path)
-    prompt = recipe.learned and use_prompt_head(recipe, model_path, get_task(data.task))
-    if recipe.learned and not prompt and not recipe.masks.train_weights and not recipe.masks.train_head \
-            and not _is_finetuned_classifier(model_path):
-        raise SparseBertError(
-            f"recipe '{recipe.name}' freezes the weights and the classifier head (masks.train_head: false), "
-            "so it needs a model already fine-tuned on the task; pass one with --model, or "
-            "--set masks.train_head=true"
-        )
-    task, train_ds, eval_ds = prepare_datasets(data, tokenizer, prompt=prompt)
-    if prompt:
-        model = load_prompt_classifier(model_path, tokenizer, task)
-    else:
-        model = load_classifier(model_path, task.num_labels, task.is_regression)
+    task = get_task(data.task)
     args = build_training_args(output_dir, recipe, training_overrides)
+    set_seed(args.seed)  # before any head is initialised: same seed, same model
+    tokenizer = load_tokenizer(model_path)
+    prompt = recipe.learned and use_prompt_head(recipe, model_path, task)
+    if recipe.learned and not prompt and not recipe.masks.train_weights and not recipe.masks.train_head:
+        from sparsebert.heads import is_finetuned
+        from sparsebert.models import load_config
 
-    pruner = None
-    mask_method = None
-    if recipe.method == "gmp":
-        targets = select_targets(model, recipe.targets)
-        pruner = GradualMagnitudePruner(targets, recipe.gradual_schedule(), recipe.allocation)
-    elif recipe.learned:
-        from sparsebert.methods.learned import build_learned_method
+        if not is_finetuned(load_config(model_path), task.kind):
+            raise SparseBertError(
+                f"recipe '{recipe.name}' freezes the weights and the task head (masks.train_head: false), "
+                "so it needs a model already fine-tuned on the task; pass one with --model, or "
+                "--set masks.train_head=true"
+            )
+    _, train_ds, raw_train, evals = prepare_datasets(data, tokenizer, prompt=prompt)
+    model = load_prompt_classifier(model_path, tokenizer, task) if prompt else load_model(model_path, task)
+    plain_model = model.mlm if prompt else model
+    recipe = choose_recipe(recipe, plain_model, unlock_mask)
 
-        mask_method = build_learned_method(model, select_targets(model, recipe.targets), recipe)
-        mask_method.configure_trainable(model, head_trains=not prompt and recipe.masks.train_head)
+    context = MethodContext(model_path=resolve_model_path(model_path),
+                            head_trains=not prompt and (recipe.masks is None or recipe.masks.train_head))
+    method: PruningMethod = build_method(model, select_targets(model, recipe.targets), recipe, context)
+    method.configure_trainable(model)
+
     teacher = None
     use_kd = recipe.distillation.enabled and teacher_path is not None
     if teacher_path is not None and not recipe.distillation.enabled:
         logger.warning("recipe '%s' disables distillation: the teacher is not used", recipe.name)
     if use_kd:
-        teacher = load_classifier(teacher_path, task.num_labels, task.is_regression)
-        _check_teacher(teacher, task, teacher_path)
+        teacher = load_model(teacher_path, task, role="teacher")
+        teacher_tokenizer = load_tokenizer(teacher_path)
+        if prompt or not _same_vocabulary(tokenizer, teacher_tokenizer):
+            if task.kind != "sequence-classification":
+                raise SparseBertError(
+                    f"the teacher '{teacher_path}' has another tokenizer than the student: distilling "
+                    f"{task.kind} needs the same tokens; use a teacher with the student's vocabulary"
+                )
+            train_ds = add_teacher_inputs(train_ds, raw_train, task, teacher_tokenizer, data.max_seq_length)
+    terms = distillation_terms(recipe.distillation.hardness, recipe.distillation.temperature, use_kd)
+    terms += list(extra_loss_terms)
 
+    from sparsebert.collators import with_extra_columns
     from sparsebert.trainer import SparseTrainer
 
+    collator = with_extra_columns(task.collator(tokenizer), tokenizer,
+                                  [c for t in terms for c in t.columns])
     trainer = SparseTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        eval_dataset=evals[0].features if evals else None,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics_fn(task),
-        pruner=pruner,
-        mask_method=mask_method,
+        data_collator=collator,
+        compute_metrics=_compute_metrics(task, evals[0] if evals else None),
+        preprocess_logits_for_metrics=task.preprocess_logits,
+        methods=[method],
+        loss_terms=terms,
         teacher=teacher,
-        kd_hardness=recipe.distillation.hardness,
-        kd_temperature=recipe.distillation.temperature,
+        task=task,
         lr_rewarm=recipe.lr.rewarm,
         lr_final_ratio=recipe.lr.final_ratio,
+        callbacks=list(callbacks),
     )
     if resume == "auto" or resume is True:
         from transformers.trainer_utils import get_last_checkpoint
@@ -220,47 +337,57 @@ def train_and_prune(
     elif resume and not os.path.isdir(resume):
         raise SparseBertError(f"checkpoint to resume from '{resume}' does not exist")
     train_result = trainer.train(resume_from_checkpoint=resume or None)
-    metrics = trainer.evaluate()
+    eval_results = evaluate_all(trainer, task, evals)
     if trainer.is_world_process_zero():
         trainer.save_model(output_dir)
-    report_targets = recipe.targets if recipe.method != "dense" else ["encoder-linears"]
-    plain_model = model.mlm if prompt else model
-    report = sparsity_report(plain_model, report_targets)
-    info = {
-        "command": "prune" if recipe.method != "dense" else "finetune",
+    prunes = recipe.method != "dense"
+    report = sparsity_report(plain_model, recipe.targets if prunes else ["encoder-linears"])
+    command = {"dense": "finetune", "transfer": "transfer"}.get(recipe.method, "prune")
+    info: dict[str, Any] = {
+        "command": command,
         "model": model_path or "embedded:all-MiniLM-L6-v2",
         "teacher": teacher_path if use_kd else None,
         "task": task.name,
         "data": vars(data),
         "recipe": recipe.to_dict(),
-        "target_sparsity": recipe.sparsity if recipe.method != "dense" else 0.0,
+        "target_sparsity": recipe.sparsity if method.prunes else report["target_sparsity"] if prunes else 0.0,
         "train_steps": train_result.global_step,
         "wall_seconds": time.time() - started,
-        "metrics": metrics,
+        "metrics": next(iter(eval_results.values()), {}),
+        "eval_sets": eval_results,
+        "loss_terms": {t.name: t.weight for t in trainer.loss_terms},
+        "method": {"name": recipe.method, **method.report()},
         "sparsity": report,
     }
-    if mask_method is not None:
-        info["weights_trained"] = mask_method.weights_trained
-        info["head"] = _head_description(recipe, prompt, model_path)
-        info["learned_masks"] = mask_method.report
-        info["trained_parameters"] = sum(
-            p.numel() for p in plain_model.parameters() if p.requires_grad)
+    if recipe.learned:
+        info["weights_trained"] = method.weights_trained
+        info["head"] = _head_description(recipe, prompt)
+        info["learned_masks"] = method.report()
+        info["trained_parameters"] = sum(p.numel() for p in plain_model.parameters() if p.requires_grad)
         if prompt:
-            p = get_prompt(task)
+            p = task.prompt()
             info["prompt"] = {"template": p.template, "label_words": list(p.words)}
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, RUN_INFO_FILE), "w") as f:
             json.dump(info, f, indent=2, default=str)
         with open(os.path.join(output_dir, "sparsity.txt"), "w") as f:
             f.write(format_report(report) + "\n")
-    return info
+        write_checksums(output_dir)  # last: `sparsebert verify` catches any later change
+    return TrainRun(info, plain_model, trainer)
 
 
-def evaluate_saved(
-    model_path: str, data: DataOptions, batch_size: int = 128
-) -> dict[str, Any]:
-    """Evaluate a saved classifier on a task split (plain transformers loading)."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+def train_and_prune(*args, **kwargs) -> dict[str, Any]:
+    """`train_run`, returning only the run info (what ``sparsebert.json`` holds)."""
+    return train_run(*args, **kwargs).info
+
+
+def evaluate_saved(model_path: str, data: DataOptions, batch_size: int = 128) -> dict[str, Any]:
+    """Evaluate a saved model on every evaluation set of a task (plain transformers loading)."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from sparsebert.trainer import SparseTrainer
 
     path = resolve_model_path(model_path)
     tokenizer = load_tokenizer(path)
@@ -269,23 +396,21 @@ def evaluate_saved(
     if os.path.isfile(run_info):
         with open(run_info) as f:
             prompt = "prompt" in json.load(f)
-    task, _, eval_ds = prepare_datasets(data, tokenizer, need_train=False, prompt=prompt)
+    task, _, _, evals = prepare_datasets(data, tokenizer, need_train=False, prompt=prompt)
     if prompt:  # an SMP model that classifies with its MLM head: evaluate it the same way
         model = load_prompt_classifier(path, tokenizer, task)
     else:
-        model = load_classifier(path, task.num_labels, task.is_regression, require_head=True)
-    import tempfile
-
+        model = load_model(path, task, role="evaluate")
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none")
-        trainer = Trainer(
-            model=model, args=args, processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics_fn(task),
+        trainer = SparseTrainer(
+            model=model, args=args, processing_class=tokenizer, data_collator=task.collator(tokenizer),
+            preprocess_logits_for_metrics=task.preprocess_logits, task=task,
         )
-        metrics = trainer.evaluate(eval_ds)
+        results = evaluate_all(trainer, task, evals)
     plain = model.mlm if prompt else model
-    return {"task": task.name, "split": data.eval_split, "metrics": metrics,
-            "encoder_linear_sparsity": sparsity_report(plain)["target_sparsity"]}
+    return {"task": task.name, "split": data.eval_split, "metrics": next(iter(results.values()), {}),
+            "eval_sets": results, "encoder_linear_sparsity": sparsity_report(plain)["target_sparsity"]}
 
 
-__all__ = ["DataOptions", "evaluate_saved", "train_and_prune"]
+__all__ = ["DataOptions", "TrainRun", "evaluate_saved", "train_and_prune", "train_run"]

@@ -12,8 +12,11 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from sparsebert.errors import SparseBertError
+from sparsebert.heads import is_finetuned, is_mlm_head
 
 MLM_HEAD_ATTRS = ("cls", "lm_head", "predictions")
+"""Attributes of a *ForMaskedLM model that hold its whole vocabulary head as one module
+(called on the [MASK] positions only); other models go through their full forward."""
 
 
 def has_mlm_head(path: str) -> bool:
@@ -26,8 +29,7 @@ def has_mlm_head(path: str) -> bool:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    archs = getattr(config, "architectures", None) or []
-    if not any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs):
+    if not is_finetuned(config, "masked-lm"):
         return False
     keys: list[str] = []
     single = os.path.join(path, "model.safetensors")
@@ -42,7 +44,7 @@ def has_mlm_head(path: str) -> bool:
             keys = list(json.load(f)["weight_map"])
     else:
         return True  # a hub model or a .bin checkpoint whose architecture says it has one
-    return any(k.startswith(MLM_HEAD_ATTRS) or ".predictions." in k or "lm_head" in k for k in keys)
+    return any(is_mlm_head(k) for k in keys)
 
 
 class PromptClassifier(nn.Module):

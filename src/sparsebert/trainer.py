@@ -1,117 +1,193 @@
-"""A transformers `Trainer` that knows about masks, schedules and teachers.
+"""A transformers `Trainer` that drives pruning methods and composes the loss from terms.
 
 Everything the Trainer already does (devices, DDP/FSDP via accelerate, gradient
-accumulation, logging, checkpoints, resuming) stays the Trainer's; this adds:
-- the pruning callback: prune on the schedule at the start of a step, re-apply masks after
-  every optimizer step, save masks into every checkpoint and restore them on resume;
-- learning-rate re-warming at each pruning step (a LambdaLR, so it resumes with the rest);
-- knowledge distillation from a frozen teacher;
-- learned masks (movement, SMP, mask training): the method's per-step update, the score
-  penalty added to the loss, a parameter group for the scores with their own learning rate
-  and no weight decay, and baking the masks into the weights when training ends. The scores
-  are model parameters, so the Trainer's own checkpoints and resume carry them.
+accumulation, logging, checkpoints, resuming) stays the Trainer's; this adds, knowing
+nothing of any method's family:
+
+- `MethodsCallback`: calls every method's hooks (step begin, after backward, after the
+  optimizer step, checkpoint save, train end) and restores their state on resume;
+- learning-rate re-warming at the methods' pruning steps (a LambdaLR, so it resumes);
+- extra optimizer groups a method asks for (mask scores with their own learning rate);
+- the loss as a weighted sum of `losses.LossTerm`s (task loss, distillation from a frozen
+  teacher on the teacher's own inputs, a method's penalty, any registered term), with
+  extra per-example columns kept through the Trainer's column removal;
+- ``eval_loss`` is the task loss (never distillation); each term is logged by its name.
+
+Loss scaling: every term is a mean over its micro-batch, so this trainer tells the Trainer
+that the loss is *not* normalised by ``num_items_in_batch``; the Trainer then divides by the
+gradient-accumulation steps and DDP averages over ranks: 4 x 8 and 1 x 32 examples give the
+same gradient, and a penalty weighs the same on one process or many. (With the Trainer's
+default, a model whose forward takes ``**kwargs`` — every transformers model — is assumed
+to normalise by the token count itself, which a mean cross-entropy does not: the gradient
+was multiplied by the accumulation steps, and the task loss by the world size.)
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
-from sparsebert.losses import kd_loss
-from sparsebert.methods.gmp import GradualMagnitudePruner
-from sparsebert.methods.learned import LearnedMaskMethod
+from sparsebert.collators import TEACHER_PREFIX
+from sparsebert.losses import LossBatch, LossTerm, TaskLoss
+from sparsebert.methods.base import PruningMethod
 from sparsebert.prompt_head import PromptClassifier
 from sparsebert.schedules import rewarm_lr_lambda
+from sparsebert.verify import write_checksums
 
 
-class PruningCallback(TrainerCallback):
-    """Drives a `GradualMagnitudePruner` from the Trainer's loop."""
+class MethodsCallback(TrainerCallback):
+    """Drives `PruningMethod`s from the Trainer's loop."""
 
-    def __init__(self, pruner: GradualMagnitudePruner):
-        self.pruner = pruner
-        self.trainer: Trainer | None = None
+    def __init__(self, methods: Sequence[PruningMethod]):
+        self.methods = list(methods)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.pruner.masks.register_grad_hooks()
+        for m in self.methods:
+            m.on_train_begin()
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if self.pruner.maybe_prune(state.global_step, state.max_steps, optimizer):
-            state.log_history.append(
-                {"step": state.global_step, "pruned_to_sparsity": self.pruner.current_sparsity}
-            )
+        for m in self.methods:
+            entry = m.on_step_begin(state.global_step, state.max_steps, optimizer)
+            if entry:
+                state.log_history.append({"step": state.global_step, **entry})
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for m in self.methods:
+            m.on_pre_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.pruner.masks.apply_()
+        for m in self.methods:
+            m.on_optimizer_step()
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                self.pruner.masks.save(folder)
+                for m in self.methods:
+                    m.save(folder)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.pruner.masks.apply_()
-        self.pruner.masks.remove_grad_hooks()
-        if args.world_size > 1:
-            rank = args.process_index
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, f"mask_digest_rank{rank}.json"), "w") as f:
-                json.dump({"rank": rank, "digest": self.pruner.masks.digest(),
-                           "sparsity": self.pruner.masks.sparsity()}, f)
+        for m in self.methods:
+            m.on_train_end(args)
 
 
-class LearnedMaskCallback(TrainerCallback):
-    """Drives a `LearnedMaskMethod`: update at every step, bake when training ends."""
+class EpochSeededLengthGroupedSampler:
+    """`LengthGroupedSampler` whose permutation of epoch e is drawn from seed + e."""
 
-    def __init__(self, method: LearnedMaskMethod):
-        self.method = method
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.method.step(state.global_step, state.max_steps)
+        self.generator = torch.Generator()
+        self.inner = LengthGroupedSampler(batch_size, lengths=lengths, generator=self.generator)
+        self.seed = int(seed)
+        self.epoch = 0
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.method.finish()
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return iter(self.inner)
+
+
+class ChecksumCallback(TrainerCallback):
+    """Writes ``checksums.json`` into every checkpoint once everything in it is saved (the
+    last callback), so `sparsebert verify` can tell a damaged checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            write_checksums(folder)
 
 
 class SparseTrainer(Trainer):
-    """`Trainer` + pruning schedule + LR re-warming + knowledge distillation + learned masks."""
+    """`Trainer` + pruning methods + LR re-warming + a loss made of terms."""
 
     def __init__(
         self,
         *args,
-        pruner: GradualMagnitudePruner | None = None,
-        mask_method: LearnedMaskMethod | None = None,
+        methods: Sequence[PruningMethod] = (),
+        loss_terms: Sequence[LossTerm] | None = None,
         teacher: torch.nn.Module | None = None,
-        kd_hardness: float = 1.0,
-        kd_temperature: float = 2.0,
+        task: Any = None,
         lr_rewarm: bool = False,
         lr_final_ratio: float = 0.1,
         **kwargs,
     ):
-        self.pruner = pruner
-        self.mask_method = mask_method
+        self.methods = list(methods)
+        self.task = task
+        terms = list(loss_terms) if loss_terms is not None else [TaskLoss()]
+        for m in self.methods:
+            terms += m.loss_terms()
+        self.loss_terms = terms
+        if any(t.needs_teacher for t in terms) and teacher is None:
+            raise ValueError("a loss term needs a teacher: pass teacher=")
+        self.extra_columns = sorted({c for t in terms for c in t.columns})
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        if pruner is not None:
-            callbacks.append(PruningCallback(pruner))
-        if mask_method is not None:
-            callbacks.append(LearnedMaskCallback(mask_method))
+        if self.methods:
+            callbacks.insert(0, MethodsCallback(self.methods))
+        callbacks.append(ChecksumCallback())
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        # the terms are means over their micro-batch: let the Trainer divide by the
+        # accumulation steps and never multiply by the world size (module docstring)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
-        self.kd_hardness = kd_hardness
-        self.kd_temperature = kd_temperature
         self.lr_rewarm = lr_rewarm
         self.lr_final_ratio = lr_final_ratio
+        self._loss_sums: dict[str, float] = defaultdict(float)
+        self._loss_counts: dict[str, int] = defaultdict(int)
 
+    # -- columns ---------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the loss terms' extra columns and the teacher's inputs through column removal."""
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            extra = list(self.extra_columns)
+            if self.teacher is not None:
+                extra += [TEACHER_PREFIX + c for c in ("input_ids", "attention_mask", "token_type_ids")]
+            self._signature_columns = list(self._signature_columns) + extra
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches from a generator seeded per epoch (seed + epoch): the order of
+        an epoch is a function of the seed alone, so a run resumed in the middle of an epoch
+        sees the same batches as one that was never interrupted (the Trainer's sampler drew
+        from the global RNG, whose state differs after a restart)."""
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation in dataset order, always. The Trainer groups evaluation batches by length
+        when training does (``train_sampling_strategy="group_by_length"``); predictions then
+        come back in another order than the features, which tasks that score predictions
+        against their features (QA spans, NER words) cannot undo."""
+        from torch.utils.data import SequentialSampler
+
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+            return None
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+    # -- optimisation ------------------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None and self.pruner is not None and self.lr_rewarm:
-            steps = self.pruner.schedule.pruning_steps(num_training_steps)
+        steps = sorted({s for m in self.methods for s in m.pruning_steps(num_training_steps)})
+        if self.lr_scheduler is None and self.lr_rewarm and steps:
             fn = rewarm_lr_lambda(
                 steps, num_training_steps, self.args.get_warmup_steps(num_training_steps), self.lr_final_ratio
             )
@@ -121,53 +197,71 @@ class SparseTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model=None):
-        """With learned masks: the scores get their own group (masks.score_lr, no weight decay)."""
-        if self.mask_method is None or self.optimizer is not None:
+        """The Trainer's groups (decay / no decay) plus the methods' own groups."""
+        extra = [g for m in self.methods for g in m.optimizer_groups()]
+        if not extra or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
-        score_ids = {id(p) for p in self.mask_method.masks.score_parameters()}
+        taken = {id(p) for g in extra for p in g["params"]}
         decay = set(self.get_decay_parameter_names(opt_model))
-        named = [(n, p) for n, p in opt_model.named_parameters()
-                 if p.requires_grad and id(p) not in score_ids]
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in taken]
         groups = [
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-            {"params": [p for p in self.mask_method.masks.score_parameters() if p.requires_grad],
-             "weight_decay": 0.0, "lr": self.mask_method.cfg.score_lr},
+            *extra,
         ]
         groups = [g for g in groups if g["params"]]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    # -- loss ----------------------------------------------------------------------------------------
+    def _teacher_outputs(self, inputs: dict[str, torch.Tensor], teacher_inputs: dict[str, torch.Tensor]):
+        device = next(iter(inputs.values())).device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        feed = teacher_inputs or {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            return self.teacher(**feed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = self._task_loss(model, inputs, num_items_in_batch)
-        if self.mask_method is not None and model.training:
-            penalty = self.mask_method.penalty()
-            if penalty is not None:
-                loss = loss + penalty.to(loss.device)
+        """Columns ``teacher_<name>`` are the teacher's own inputs (the plain encoding when the
+        student reads a prompt); without them the teacher sees the student's inputs."""
+        inputs = dict(inputs)
+        extras = {c: inputs.pop(c) for c in self.extra_columns if c in inputs}
+        teacher_inputs = {k[len(TEACHER_PREFIX):]: inputs.pop(k) for k in list(inputs)
+                          if k.startswith(TEACHER_PREFIX)}
+        outputs = model(**inputs)
+        if not model.training:  # evaluation: eval_loss is the task loss
+            loss = getattr(outputs, "loss", None)
+            return (loss, outputs) if return_outputs else loss
+        batch = LossBatch(outputs, inputs, extras, self.task,
+                          (lambda: self._teacher_outputs(inputs, teacher_inputs)) if self.teacher else None)
+        loss = None
+        for term in self.loss_terms:
+            value = term(batch)
+            if value is None:
+                continue
+            self._loss_sums[term.name] += float(value.detach())
+            self._loss_counts[term.name] += 1
+            weighted = term.weight * value
+            loss = weighted if loss is None else loss + weighted.to(loss.device)
+        if loss is None:
+            raise ValueError("no loss term produced a loss for this batch")
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
-        if self.mask_method is not None and not self.mask_method.masks.baked and "loss" in logs:
-            logs = {**logs, **self.mask_method.log_values()}
+        if "loss" in logs:
+            extra = {name: round(self._loss_sums[name] / n, 6) for name, n in self._loss_counts.items() if n}
+            if len(extra) > 1 or "task_loss" not in extra:
+                logs = {**logs, **extra}
+            self._loss_sums.clear()
+            self._loss_counts.clear()
+            for m in self.methods:
+                logs = {**logs, **m.log_values()}
         return super().log(logs, *args, **kwargs)
 
-    def _task_loss(self, model, inputs, num_items_in_batch=None):
-        """Task loss (the model's own, or KD from the teacher) and the model outputs."""
-        if self.teacher is None:
-            return super().compute_loss(model, inputs, True, num_items_in_batch)
-        labels = inputs.get("labels")
-        outputs = model(**inputs)
-        device = outputs.logits.device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
-        with torch.no_grad():
-            teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            teacher_logits = self.teacher(**teacher_inputs).logits
-        loss = kd_loss(outputs.logits, teacher_logits, labels, self.kd_hardness, self.kd_temperature)
-        return loss, outputs
-
+    # -- saving ---------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None):
         """A prompt classifier is saved as the masked-LM model it wraps (loadable with
         AutoModelForMaskedLM); everything else as the Trainer does it."""
@@ -187,6 +281,5 @@ class SparseTrainer(Trainer):
         if model is None and isinstance(self.model, PromptClassifier):
             model = self.model.mlm
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.pruner is not None:
-            self.pruner.masks.load(resume_from_checkpoint)
-            self.pruner.current_sparsity = self.pruner.masks.sparsity()
+        for m in self.methods:
+            m.load(resume_from_checkpoint)

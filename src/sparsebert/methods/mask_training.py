@@ -15,13 +15,21 @@ target is 90.0%); what m̂ > φ alone would have given is reported beside it.
 
 from __future__ import annotations
 
+from sparsebert.methods.base import register_method
 from sparsebert.methods.learned import LearnedMaskMethod
 
 
+@register_method
 class MaskTraining(LearnedMaskMethod):
     """Threshold-binarised mask training on frozen weights, with SRNets' gradual sparsity."""
 
     name = "mask-train"
+    allocations = ("uniform",)
+    binarizers = ("threshold",)
+    trains_weights = False
+    score_inits = ("magnitude-hard", "magnitude-soft")
+    section_defaults = {"masks": {"binarizer": "threshold", "init": "magnitude-hard", "threshold": 0.01,
+                                  "train_weights": False}}
 
     def initial_sparsity(self) -> float:
         return self.schedule.first_sparsity

@@ -15,14 +15,19 @@ exact mask; the raw σ(S) > τ sparsity is reported next to it).
 
 from __future__ import annotations
 
+from sparsebert.methods.base import register_method
 from sparsebert.methods.learned import LearnedMaskMethod
 from sparsebert.schedules import cubic_ramp
 
 
+@register_method
 class MovementPruning(LearnedMaskMethod):
     """Hard movement pruning: TopK on the scores, keep ratio on the cubic schedule."""
 
     name = "movement"
+    allocations = ("uniform", "global")
+    binarizers = ("topk",)
+    section_defaults = {"masks": {"binarizer": "topk", "train_weights": True}}
 
     def keep_ratio(self, step: int, total_steps: int) -> float:
         """v_t = 1 - s_t, s_t from the recipe's GradualSchedule (0 before its first step)."""
@@ -38,10 +43,14 @@ class MovementPruning(LearnedMaskMethod):
         return self.masks.current_masks()
 
 
+@register_method
 class SoftMovementPruning(LearnedMaskMethod):
     """Soft movement pruning: σ(S) > τ_t with the L1 penalty on σ(S)."""
 
     name = "soft-movement"
+    allocations = ("uniform",)
+    binarizers = ("sigmoid-threshold",)
+    section_defaults = {"masks": {"binarizer": "sigmoid-threshold", "threshold": 0.1, "train_weights": True}}
 
     def tau(self, step: int, total_steps: int) -> float:
         t0 = int(round(self.schedule.start * total_steps))

@@ -17,12 +17,28 @@ classifier head is trained and the run says so.
 
 from __future__ import annotations
 
+from sparsebert.methods.base import register_method
 from sparsebert.methods.movement import MovementPruning
 
 
 class StaticModelPruning(MovementPruning):
-    """SMP-L (allocation ``uniform``) and SMP-S (allocation ``smp-s``): TopK on frozen weights."""
+    """TopK on frozen weights; SMP-L and SMP-S differ in their allocation only."""
 
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return "smp-s" if self.allocation == "smp-s" else "smp-l"
+    trains_weights = False
+    section_defaults = {"masks": {"binarizer": "topk", "train_weights": False, "head": "auto"}}
+
+
+@register_method
+class StaticModelPruningL(StaticModelPruning):
+    """SMP-L: every matrix keeps the same fraction v."""
+
+    name = "smp-l"
+    allocations = ("uniform",)
+
+
+@register_method
+class StaticModelPruningS(StaticModelPruning):
+    """SMP-S: the keep ratio redistributed per matrix type by the learned scores."""
+
+    name = "smp-s"
+    allocations = ("smp-s",)

@@ -91,12 +91,24 @@ def register() -> None:
     _registered = True
 
 
-def use_native_attention(model: nn.Module) -> bool:
-    """Switch a transformers model to `cpu_attention`; False if it has no attention interface
-    setting or the native kernels are unavailable (the model is then left unchanged)."""
+def supports_attention_interface(model: nn.Module) -> bool:
+    """Whether a transformers model calls its attention through the attention interface (its
+    class says ``_supports_attention_backend``: BERT, RoBERTa, XLM-RoBERTa, ELECTRA,
+    DistilBERT, ModernBERT); DeBERTa's disentangled attention, for one, does not."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "_attn_implementation") or native.library() is None:
+    return (
+        config is not None
+        and hasattr(config, "_attn_implementation")
+        and bool(getattr(model, "_supports_attention_backend", False))
+    )
+
+
+def use_native_attention(model: nn.Module) -> bool:
+    """Switch a transformers model to `cpu_attention`; False if it does not call attention
+    through the attention interface or the native kernels are unavailable (the model is
+    then left unchanged)."""
+    if not supports_attention_interface(model) or native.library() is None:
         return False
     register()
-    config._attn_implementation = NAME
+    model.config._attn_implementation = NAME
     return True

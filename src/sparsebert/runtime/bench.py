@@ -36,7 +36,13 @@ from sparsebert.errors import SparseBertError
 from sparsebert.runtime.allocator import keep_freed_memory
 
 DENSE_RUNTIMES = ("torch", "onnxruntime")
-ALL_RUNTIMES = ("torch", "sparse", "onnxruntime", "deepsparse")
+ALL_RUNTIMES = ("torch", "sparse", "sparse-avx2", "onnxruntime", "deepsparse")
+"""``sparse`` runs the best native kernels of the CPU (`native.isa`); ``sparse-avx2`` the
+same runtime with the AVX2 kernels forced (on an AVX-512 CPU: the two side by side)."""
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "amx_tile")  # fmt: skip
+"""CPU flags recorded with every benchmark (those that matter to the kernels, or to the
+dense runtimes' kernels)."""
 
 
 def default_runtimes() -> tuple[str, ...]:
@@ -47,6 +53,8 @@ def default_runtimes() -> tuple[str, ...]:
 
 def machine_info() -> dict[str, Any]:
     """CPU, core count, SIMD flags and library versions, for the record."""
+    from sparsebert.runtime import native
+
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -62,7 +70,9 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
-        "simd": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_vnni"}),
+        "simd": sorted(f for f in flags if f in SIMD_FLAGS),
+        "kernel_isa": native.isa() or "numba",
+        "kernel_isas_available": native.available_isas(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -176,6 +186,7 @@ def benchmark_model(
     list the per-unit decisions of `sparsify_for_inference`; `sparse_time_share` splits
     the sparse model's time into sparse kernels and the rest.
     """
+    from sparsebert.runtime import native
     from sparsebert.runtime.sparsify import sparsify_for_inference
 
     runtimes = tuple(default_runtimes() if runtimes is None else runtimes)
@@ -186,6 +197,8 @@ def benchmark_model(
         )
     if "deepsparse" in runtimes and not importlib.util.find_spec("deepsparse"):
         raise SparseBertError("runtime 'deepsparse' requested but deepsparse is not installed")
+    if "sparse-avx2" in runtimes and "avx2" not in native.available_isas():
+        raise SparseBertError("runtime 'sparse-avx2' requested but the AVX2 kernels cannot run here")
     if threads < 1 or repeats < 1 or warmup < 0:
         raise SparseBertError("threads and repeats must be >= 1, warmup >= 0")
     say = progress or (lambda _msg: None)
@@ -211,12 +224,18 @@ def benchmark_model(
                     runners: dict[str, Callable[[], Any]] = {}
                     if "torch" in runtimes:
                         runners["torch"] = lambda f=feeds: model(**f)
-                    if "sparse" in runtimes:
-                        say(f"calibrating the sparse runtime for batch {batch} x seq {seq}")
+                    for name, isa in (("sparse", native.isa()), ("sparse-avx2", "avx2")):
+                        if name not in runtimes:
+                            continue
+                        say(f"calibrating the {name} runtime for batch {batch} x seq {seq}")
                         sparse_model = copy.deepcopy(model)
-                        plan = sparsify_for_inference(sparse_model, sample_tokens=batch * seq)
-                        plans[f"{batch}x{seq}"] = [asdict(d) for d in plan.decisions]
-                        runners["sparse"] = lambda f=feeds, m=sparse_model: m(**f)
+                        with native.using_isa(isa):  # calibrated with the kernels it runs
+                            plan = sparsify_for_inference(sparse_model, sample_tokens=batch * seq)
+                        key = f"{batch}x{seq}" if name == "sparse" else f"{batch}x{seq}/{name}"
+                        plans[key] = [asdict(d) for d in plan.decisions]
+                        runners[name] = _runner_with_isa(sparse_model, feeds, isa)
+                        if name == "sparse":
+                            timed_sparse = sparse_model
                     if "onnxruntime" in runtimes:
                         np_feeds = {k: v.numpy() for k, v in feeds.items()}
                         runners["onnxruntime"] = lambda f=np_feeds: session.run(None, f)
@@ -226,7 +245,8 @@ def benchmark_model(
                     say(f"timing batch {batch} x seq {seq}: {', '.join(runners)}")
                     rows.extend(_time_shape(runners, batch, seq, repeats, warmup, settle_s))
                     if "sparse" in runtimes:
-                        shares[f"{batch}x{seq}"] = sparse_time_share(sparse_model, feeds)
+                        with native.using_isa(native.isa()):
+                            shares[f"{batch}x{seq}"] = sparse_time_share(timed_sparse, feeds)
     finally:
         torch.set_num_threads(old_threads)
     _add_ratios(rows)
@@ -239,6 +259,20 @@ def benchmark_model(
         "sparse_plans": plans,
         "sparse_time_share": shares,
     }
+
+
+def _runner_with_isa(
+    model: nn.Module, feeds: Mapping[str, torch.Tensor], isa: str | None
+) -> Callable[[], Any]:
+    """A forward pass of ``model`` with ``isa``'s native kernels (the choice is per process,
+    and another runner of the same run may have switched it)."""
+    from sparsebert.runtime import native
+
+    def run() -> Any:
+        with native.using_isa(isa):
+            return model(**feeds)
+
+    return run
 
 
 def _is_sparse_unit(module: nn.Module) -> bool:

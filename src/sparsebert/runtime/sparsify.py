@@ -8,6 +8,14 @@ Units are decided, not single linears, where fusing pays: attention's query/key/
 as one shared-input product, and a feed-forward block with exact GELU runs fused. A unit
 that does not pay as a whole falls back to deciding its linears one by one; a GELU after
 a matrix that stays dense may still become the vectorised `FastGELU`.
+
+Any architecture is safe: what the runtime does not recognise stays as it is. A unit is
+fused only where its structure is checked (shared-input linears of one input size, a
+feed-forward block with exact GELU whose shapes chain, an add & norm block that computes
+``LayerNorm(dense(h) + residual)`` on a probe), plain `nn.Linear` modules are swapped one
+by one, and attention goes to the native kernel only in models that call it through
+transformers' attention interface; everything kept for such a reason gets a `Decision`
+saying why.
 """
 
 from __future__ import annotations
@@ -24,13 +32,14 @@ from sparsebert.errors import SparseBertError, check_sparsity
 from sparsebert.runtime import native
 from sparsebert.runtime.activation import FastGELU
 from sparsebert.runtime.add_norm import FusedAddNorm, is_output_block
-from sparsebert.runtime.attention import use_native_attention
+from sparsebert.runtime.attention import supports_attention_interface, use_native_attention
 from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
 from sparsebert.runtime.sparse_linear import SparseLinear
 
-DEFAULT_MIN_SPARSITY = 0.6
-"""Without calibration: sparse from this sparsity on. On 2 AVX2 cores the sparse kernel
-breaks even with MKL/oneDNN dense around 50-55% sparsity for BERT-base/MiniLM shapes."""
+SPARSE_KERNEL_MIN_SPARSITY = 0.6
+"""Without calibration: a unit at least this sparse gets the sparse kernel. On 2 AVX2
+cores the sparse kernel breaks even with MKL/oneDNN dense around 50-55% sparsity for
+BERT-base/MiniLM shapes."""
 
 CANDIDATE_FLOOR = 0.3
 """With calibration: below this sparsity a layer is not even timed (the sparse kernel
@@ -40,6 +49,7 @@ SHARED_INPUT_NAMES = (
     ("query", "key", "value"),
     ("q_lin", "k_lin", "v_lin"),
     ("q_proj", "k_proj", "v_proj"),
+    ("query_proj", "key_proj", "value_proj"),  # DeBERTa
 )
 """Sibling linears that attention implementations call on the same hidden states."""
 
@@ -88,7 +98,7 @@ class SparsifyReport:
             if d.dense_ms is not None and d.sparse_ms is not None:
                 times = f" (dense {d.dense_ms:.2f} ms, sparse {d.sparse_ms:.2f} ms)"
             if d.kind in SWAP_KINDS:
-                choices = {"gelu": ("torch GELU", "FastGELU"), "attention": ("sdpa", "native kernel"),
+                choices = {"gelu": ("torch GELU", "FastGELU"), "attention": ("torch", "native kernel"),
                            "add-norm": ("torch", "native")}
                 choice = choices[d.kind][d.sparse]
                 lines.append(f"{d.name} [{d.kind}]: {choice}, {d.reason}{times}")
@@ -106,6 +116,26 @@ def sparsity_of(linear: nn.Linear) -> float:
 
 def _join(parent: str, path: str) -> str:
     return f"{parent}.{path}" if parent else path
+
+
+def _is_linear(module: object) -> bool:
+    """A plain `nn.Linear` (not a subclass: those may compute something else, like LoRA or
+    quantised linears, or be read by their parent as a weight, like
+    `nn.MultiheadAttention`'s ``out_proj``)."""
+    return type(module) is nn.Linear
+
+
+def _reads_weights(model: nn.Module, path: str) -> str | None:
+    """The class of the torch module that holds the linear at ``path`` and reads its
+    ``weight`` directly instead of calling it (`nn.TransformerEncoderLayer`'s fast path,
+    `nn.MultiheadAttention`), or None."""
+    parent_path = path.rpartition(".")[0]
+    parent = _get(model, parent_path) if parent_path else model
+    if parent is None or isinstance(parent, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+        return None
+    if type(parent).__module__.startswith("torch.nn."):
+        return type(parent).__name__
+    return None
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -183,6 +213,11 @@ def _decide_linear(
     model: nn.Module, path: str, policy: _Policy, report: SparsifyReport, act_path: str = ""
 ) -> None:
     linear = _get(model, path)
+    holder = _reads_weights(model, path)
+    if holder is not None:
+        reason = f"kept: torch's {holder} reads this weight directly"
+        report.decisions.append(Decision(path, "linear", sparsity_of(linear), False, reason))
+        return
     act = _get(model, act_path) if act_path else None
     fuse_gelu = act is not None and is_exact_gelu(act)
     decision, module = policy.decide(
@@ -226,6 +261,10 @@ def _decide_shared(
 ) -> None:
     paths = [_join(parent, n) for n in names]
     linears = [_get(model, p) for p in paths]
+    if len({lin.in_features for lin in linears}) != 1 or _reads_weights(model, paths[0]):
+        for path in paths:  # not one input (e.g. cross-attention): each on its own
+            _decide_linear(model, path, policy, report)
+        return
     total = sum(lin.weight.numel() for lin in linears)
     zeros = sum(float((lin.weight == 0).sum()) for lin in linears)
     worst = min(sparsity_of(lin) for lin in linears)
@@ -259,7 +298,15 @@ def _decide_ffn(
     first_path, act_path, second_path = (_join(parent, p) for p in pattern)
     first, second = _get(model, first_path), _get(model, second_path)
     act = _get(model, act_path)
-    if min(sparsity_of(first), sparsity_of(second)) >= policy.threshold:
+    # `SparseFFN` computes exact GELU between the two products: any other activation, or
+    # shapes that do not chain, and the two linears are decided one by one.
+    fusable = (
+        is_exact_gelu(act)
+        and first.out_features == second.in_features
+        and _reads_weights(model, first_path) is None
+        and _reads_weights(model, second_path) is None
+    )
+    if fusable and min(sparsity_of(first), sparsity_of(second)) >= policy.threshold:
         total = first.weight.numel() + second.weight.numel()
         zeros = float((first.weight == 0).sum() + (second.weight == 0).sum())
         decision, module = policy.decide(
@@ -289,10 +336,17 @@ def _decide_attention(model: nn.Module, policy: _Policy, report: SparsifyReport)
     faster than torch's sdpa on the calibration shape (sequences of 128)."""
     config = getattr(model, "config", None)
     heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
-    if not hasattr(config, "_attn_implementation") or not heads or not hidden or native.library() is None:
+    if not hasattr(config, "_attn_implementation") or native.library() is None:
         return
-    d = hidden // heads
-    if d % 8 or d > 256:
+    if not supports_attention_interface(model):
+        reason = (f"kept: {type(model).__name__} does not call its attention through "
+                  "transformers' attention interface")
+        report.decisions.append(Decision("attention", "attention", 0.0, False, reason))
+        return
+    d = hidden // heads if heads and hidden else 0
+    if d % 8 or not 0 < d <= 256:
+        reason = f"kept: the native kernel needs a head width that is a multiple of 8 up to 256, not {d}"
+        report.decisions.append(Decision("attention", "attention", 0.0, False, reason))
         return
     if policy.calibrate:
         seq = 128
@@ -316,15 +370,39 @@ def _decide_attention(model: nn.Module, policy: _Policy, report: SparsifyReport)
         use_native_attention(model)
 
 
+def _computes_add_norm(module: nn.Module) -> bool:
+    """Whether an output block really computes ``LayerNorm(dense(h) + input)``: checked on
+    a random probe, so a module that only looks like a BERT output block keeps its own
+    forward."""
+    n_in, n_out = getattr(module.dense, "in_features", None), module.LayerNorm.normalized_shape[0]
+    if not isinstance(n_in, int):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    h, residual = torch.randn(2, 3, n_in, generator=gen), torch.randn(2, 3, n_out, generator=gen)
+    try:
+        with torch.inference_mode():
+            got = module(h, residual)
+            want = module.LayerNorm(module.dense(h) + residual)
+    except Exception:  # any failure to run it the BERT way means "not an output block"
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
 def _fuse_add_norms(model: nn.Module, report: SparsifyReport) -> None:
     """Output blocks (dense -> add residual -> LayerNorm) get the one-pass native add & norm;
     not timed: it reads and writes the activations once instead of twice."""
     if native.library() is None:
         return
     for name, module in list(model.named_modules()):
-        if is_output_block(module):
+        if not is_output_block(module):
+            continue
+        if _computes_add_norm(module):
             _set(model, name, FusedAddNorm(module.dense, module.LayerNorm))
             report.decisions.append(Decision(name, "add-norm", 0.0, True, "one pass, not timed"))
+        else:
+            reason = "kept: its forward is not LayerNorm(dense(h) + input)"
+            report.decisions.append(Decision(name, "add-norm", 0.0, False, reason))
+
 
 def _check_model(model: nn.Module) -> None:
     for name, p in model.named_parameters():
@@ -346,7 +424,7 @@ def sparsify_for_inference(
     """Replace the linears of ``model`` (in place) by sparse kernels where that is faster.
 
     min_sparsity: linears (or units) sparser than this are candidates; default
-        `CANDIDATE_FLOOR` with calibration, `DEFAULT_MIN_SPARSITY` without.
+        `CANDIDATE_FLOOR` with calibration, `SPARSE_KERNEL_MIN_SPARSITY` without.
     calibrate: time dense vs sparse once per candidate on ``sample_tokens`` random tokens
         (default batch 16 x seq 128) and keep the sparse kernel only if it is at least
         ``margin`` faster, so no layer becomes slower.
@@ -358,7 +436,7 @@ def sparsify_for_inference(
     if min_sparsity is not None:
         threshold = check_sparsity(min_sparsity, "min_sparsity")
     else:
-        threshold = CANDIDATE_FLOOR if calibrate else DEFAULT_MIN_SPARSITY
+        threshold = CANDIDATE_FLOOR if calibrate else SPARSE_KERNEL_MIN_SPARSITY
     if sample_tokens < 1 or repeats < 1:
         raise SparseBertError("sample_tokens and repeats must be positive integers")
     policy = _Policy(threshold, calibrate, int(sample_tokens), int(repeats), float(margin))
@@ -369,16 +447,16 @@ def sparsify_for_inference(
         if any(name == d or name.startswith(d + ".") for d in done):
             continue
         for names in SHARED_INPUT_NAMES:
-            if all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+            if all(_is_linear(getattr(module, n, None)) for n in names):
                 _decide_shared(model, name, names, policy, report)
                 done.update(_join(name, n) for n in names)
         for pattern in FFN_PATTERNS:
             parts = [_get(module, p) for p in pattern]
-            linears = isinstance(parts[0], nn.Linear) and isinstance(parts[2], nn.Linear)
+            linears = _is_linear(parts[0]) and _is_linear(parts[2])
             if linears and parts[1] is not None:
                 _decide_ffn(model, name, pattern, policy, report)
                 done.update(_join(name, p) for p in (pattern[0], pattern[2]))
-        if isinstance(module, nn.Linear) and name not in done:
+        if _is_linear(module) and name not in done:
             _decide_linear(model, name, policy, report)
             done.add(name)
     _decide_attention(model, policy, report)

@@ -1,5 +1,8 @@
-"""Tasks: data, label spaces and metrics."""
+"""Tasks: data, label spaces, evaluation sets and metrics, behind one interface (`base.Task`).
 
-from sparsebert.tasks.glue import GLUE_TASKS, GlueTask, get_task, load_split
+Look a task up by name with `get_task`; a new task registers itself with `register_task`.
+"""
 
-__all__ = ["GLUE_TASKS", "GlueTask", "get_task", "load_split"]
+from sparsebert.tasks.base import MODEL_KINDS, TASKS, EvalSet, Task, get_task, register_task
+
+__all__ = ["MODEL_KINDS", "TASKS", "EvalSet", "Task", "get_task", "register_task"]

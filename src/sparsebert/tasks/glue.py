@@ -9,7 +9,6 @@ MRPC's UTF-8 BOM, and the derived MNLI dev file (premise/hypothesis/label column
 from __future__ import annotations
 
 import csv
-import difflib
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsebert.errors import SparseBertError
+from sparsebert.tasks.base import EvalSet, Task, register_task
 
 csv.field_size_limit(sys.maxsize)
 
@@ -28,7 +28,7 @@ _LABEL = ("label", "gold_label", "Quality", "is_duplicate", "score")
 
 
 @dataclass(frozen=True)
-class GlueTask:
+class GlueTask(Task):
     """What a GLUE task is: its inputs, label space, metric and where its files may be."""
 
     name: str
@@ -39,14 +39,30 @@ class GlueTask:
     split_files: dict[str, tuple[tuple[str, ...], ...]]  # split -> alternative file groups
     headerless_columns: tuple[str, ...] | None = None
     hub_splits: dict[str, str] = field(default_factory=dict)
+    extra_eval_sets: tuple[EvalSet, ...] = ()
+    kind: str = "sequence-classification"
 
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
+    def load_split(self, split: str, data_dir: str | None, max_samples: int | None = None):
+        return load_split(self, split, data_dir, max_samples=max_samples)
 
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
+    def encode(self, ds, tokenizer, max_seq_length: int):
+        return tokenize(ds, tokenizer, self, max_seq_length)
+
+    def encode_prompt(self, ds, tokenizer, max_seq_length: int):
+        from sparsebert.tasks.prompts import tokenize_with_prompt
+
+        return tokenize_with_prompt(ds, tokenizer, self, max_seq_length)
+
+    def prompt(self):
+        from sparsebert.tasks.prompts import PROMPTS
+
+        return PROMPTS.get(self.name)
+
+    def eval_sets(self) -> list[EvalSet]:
+        return [EvalSet("validation", "validation"), *self.extra_eval_sets]
+
+    def metrics(self, predictions, label_ids, eval_set: EvalSet) -> dict[str, float]:
+        return glue_metrics(self, predictions, label_ids)
 
 
 def _splits(train, validation, test=(("test.tsv",),), **extra):
@@ -83,6 +99,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
                 (("test_matched.tsv",),),
                 validation_mismatched=(("dev_mismatched.tsv",),)),
         hub_splits={"validation": "validation_matched", "test": "test_matched"},
+        extra_eval_sets=(EvalSet("validation_mismatched", "validation_mismatched", optional=True),),
     ),
     "qnli": GlueTask(
         "qnli", True, ("entailment", "not_entailment"), "accuracy", ("qnli", "QNLI"),
@@ -93,16 +110,22 @@ GLUE_TASKS: dict[str, GlueTask] = {
         _splits((("train.tsv",),), (("dev.tsv",),)),
     ),
 }
-_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli_matched": "mnli"}
+_ALIASES = {"sst2": ("sst-2",), "stsb": ("sts-b",), "mnli": ("mnli-m", "mnli_matched")}
+for _task in GLUE_TASKS.values():
+    register_task(_task, aliases=_ALIASES.get(_task.name, ()))
 
 
-def get_task(name: str) -> GlueTask:
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in GLUE_TASKS:
-        close = difflib.get_close_matches(key, list(GLUE_TASKS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise SparseBertError(f"unknown task '{name}'{hint}; known tasks: {', '.join(GLUE_TASKS)}")
-    return GLUE_TASKS[key]
+def tokenize(ds, tokenizer, task: GlueTask, max_seq_length: int):
+    """Tokenise text_a [, text_b] and add a `length` column for length-grouped batching."""
+
+    def fn(batch):
+        texts = (batch["text_a"], batch["text_b"]) if task.pair else (batch["text_a"],)
+        enc = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        return enc
+
+    drop = [c for c in ds.column_names if c.startswith("text_")]
+    return ds.map(fn, batched=True, remove_columns=drop, desc=f"tokenising {task.name}")
 
 
 def _task_dir(task: GlueTask, data_dir: str) -> str:
@@ -248,6 +271,8 @@ def load_split(
     """
     import datasets
 
+    from sparsebert.tasks.base import get_task
+
     task = get_task(task) if isinstance(task, str) else task
     cols = _load_local(task, data_dir, split) if data_dir else _load_hub(task, hub_name, split)
     if not cols["label"]:
@@ -260,23 +285,26 @@ def load_split(
     return ds
 
 
-def compute_metrics_fn(task: GlueTask) -> Callable:
-    """The official GLUE metric(s) of ``task`` for a transformers `EvalPrediction`."""
+def glue_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The official GLUE metric(s) of ``task`` from argmax (or regression) predictions."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+    if task.is_regression:
+        return {"pearson": float(pearsonr(predictions, labels)[0]),
+                "spearmanr": float(spearmanr(predictions, labels)[0])}
+    out = {"accuracy": float(accuracy_score(labels, predictions))}
+    if task.name == "cola":
+        out["matthews_correlation"] = float(matthews_corrcoef(labels, predictions))
+    if task.name in ("mrpc", "qqp"):
+        out["f1"] = float(f1_score(labels, predictions))
+    return out
+
+
+def compute_metrics_fn(task: GlueTask) -> Callable:
+    """The official GLUE metric(s) of ``task`` for a transformers `EvalPrediction`."""
+
     def compute(pred) -> dict[str, float]:
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        labels = pred.label_ids
-        if task.is_regression:
-            p = np.squeeze(logits, -1) if logits.ndim > 1 else logits
-            return {"pearson": float(pearsonr(p, labels)[0]), "spearmanr": float(spearmanr(p, labels)[0])}
-        p = np.argmax(logits, axis=-1)
-        out = {"accuracy": float(accuracy_score(labels, p))}
-        if task.name == "cola":
-            out["matthews_correlation"] = float(matthews_corrcoef(labels, p))
-        if task.name in ("mrpc", "qqp"):
-            out["f1"] = float(f1_score(labels, p))
-        return out
+        return task.score(task.eval_sets()[0], pred.predictions, pred.label_ids)
 
     return compute

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from sparsebert.errors import SparseBertError
-from sparsebert.tasks.glue import GlueTask
+from sparsebert.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ PROMPTS: dict[str, Prompt] = {
 }
 
 
-def get_prompt(task: GlueTask) -> Prompt:
+def get_prompt(task: Task) -> Prompt:
     if task.name not in PROMPTS:
         raise SparseBertError(
             f"task {task.name} has no prompt template for an MLM head (regression has no label "
@@ -102,7 +102,7 @@ def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
     raise SparseBertError("cannot tell where this tokenizer puts its special tokens")
 
 
-def tokenize_with_prompt(ds, tokenizer, task: GlueTask, max_seq_length: int):
+def tokenize_with_prompt(ds, tokenizer, task: Task, max_seq_length: int):
     """A tokenised dataset (input_ids, attention_mask, length, label) of prompt-filled texts."""
     prompt = get_prompt(task)
 
