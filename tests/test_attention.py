@@ -13,12 +13,20 @@ from sparsebert.runtime import native, sparsify_for_inference
 from sparsebert.runtime.attention import NAME, cpu_attention, use_native_attention
 
 
-@pytest.fixture(autouse=True)
-def native_kernels():
+@pytest.fixture(autouse=True, params=["best", "avx2"])
+def native_kernels(request, monkeypatch):
+    """Every test on the best native kernels of this CPU (AVX-512 where it has it: head
+    widths not a multiple of 16 still go to the AVX2 kernel) and, on an AVX-512 CPU, on
+    the AVX2 kernels forced."""
     if native.library() is None:
         if native._cpu_ok() and shutil.which("cc"):
             pytest.fail("AVX2 CPU and a C compiler, but the native kernels did not build")
         pytest.skip("no AVX2 CPU or no C compiler: the native attention cannot run here")
+    if request.param == "avx2":
+        if native.isa() != "avx512":
+            pytest.skip("the best kernels here are the AVX2 ones: covered by the 'best' run")
+        monkeypatch.setattr(native, "_isa", "avx2")
+    return request.param
 
 
 def projections(b: int, s: int, h: int, d: int, seed: int = 0):
@@ -129,3 +137,32 @@ def test_sparsify_reports_the_attention_decision():
     assert len(decision) == 1 and decision[0].sparse
     assert model.config._attn_implementation == NAME
     assert "[attention]: native kernel" in report.summary()
+
+
+@pytest.mark.parametrize("d", [16, 24, 32])
+def test_head_widths_go_to_the_kernel_that_serves_them(native_kernels, d):
+    # AVX-512: head widths that are a multiple of 16; any other multiple of 8 goes to AVX2;
+    # without AVX-512 (or with AVX2 forced) every width goes to AVX2
+    q, k, v = projections(2, 19, 3, d, seed=d)
+
+    def direct(lib):
+        out = torch.empty(2, 19, 3, d)
+        strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
+        rc = lib.sb_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), 2, 3, 19, 19, d,
+                              *(s.data_ptr() for s in strides), None, 0, 0, 0.3,
+                              out.data_ptr(), 2)  # fmt: skip
+        return rc, out
+
+    with torch.inference_mode():
+        got = native.attention(q, k, v, None, 0.3, 2)
+        rc2, out2 = direct(native.library())
+        if native.isa() == "avx512":
+            rc512, out512 = direct(native.library_avx512())
+    assert rc2 == 0
+    if native.isa() == "avx512":
+        assert rc512 == (0 if d % 16 == 0 else -2)
+        assert torch.equal(got, out512 if d % 16 == 0 else out2)
+    else:
+        assert torch.equal(got, out2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3).transpose(1, 2)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5

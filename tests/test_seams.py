@@ -291,3 +291,43 @@ def test_evaluation_keeps_the_order_of_the_features(tiny_model_dir, sst2_dir, tm
     features = task.encode(raw, tok, 64)
     pred = run.trainer.predict(features)
     assert pred.label_ids.tolist() == features["label"]
+
+
+@pytest.mark.parametrize(
+    "kind", ["token-classification", "masked-lm", "question-answering", "sequence-classification"]
+)
+def test_distillation_compares_what_the_task_names(kind):
+    """KD over labelled tokens / masked positions only, start and end logits for QA, sequence
+    logits otherwise: checked against T^2 KL written out by hand."""
+    from types import SimpleNamespace
+
+    from sparsebert.losses import Distillation, LossBatch
+    from sparsebert.tasks.base import distillation_logits
+
+    g = torch.Generator().manual_seed(0)
+    T = 2.0
+
+    def kl(s, t):  # mean over rows of T^2 sum_c p_t (log p_t - log p_s)
+        ls, lt = torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1)
+        return (lt.exp() * (lt - ls)).sum(-1).mean() * T**2
+
+    labels = torch.tensor([[-100, 1, 2, -100], [0, -100, -100, 1]])
+    if kind == "question-answering":
+        s = SimpleNamespace(
+            start_logits=torch.randn(2, 4, generator=g), end_logits=torch.randn(2, 4, generator=g)
+        )
+        t = SimpleNamespace(
+            start_logits=torch.randn(2, 4, generator=g), end_logits=torch.randn(2, 4, generator=g)
+        )
+        expected = (kl(s.start_logits, t.start_logits) + kl(s.end_logits, t.end_logits)) / 2
+        inputs = {}
+    elif kind == "sequence-classification":
+        s, t = (SimpleNamespace(logits=torch.randn(2, 3, generator=g)) for _ in range(2))
+        expected, inputs = kl(s.logits, t.logits), {"labels": torch.tensor([0, 2])}
+    else:
+        s, t = (SimpleNamespace(logits=torch.randn(2, 4, 5, generator=g)) for _ in range(2))
+        keep = labels != -100
+        expected, inputs = kl(s.logits[keep], t.logits[keep]), {"labels": labels}
+    task = SimpleNamespace(distillation_logits=lambda out, inp: distillation_logits(kind, out, inp))
+    value = Distillation(1.0, T)(LossBatch(s, inputs, task=task, teacher_fn=lambda: t))
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import save_tiny_classifier
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -74,21 +75,8 @@ def test_learned_masks_follow_their_scores_under_every_optimizer(optim, tiny_mod
 def no_dropout_dir(tmp_path_factory) -> str:
     """A tiny BERT classifier without dropout, so that two runs see the same function."""
     path = str(tmp_path_factory.mktemp("no-dropout"))
-    torch.manual_seed(3)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(path)
-    return path
+    return save_tiny_classifier(path, seed=3, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 @pytest.mark.parametrize("with_teacher", [False, True])

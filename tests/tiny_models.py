@@ -43,3 +43,18 @@ def predict_with_tiny_model(model_class, task, features, tokenizer, out_dir: str
     trainer = Trainer(model=model_class(config), args=args, data_collator=task.collator(tokenizer),
                       preprocess_logits_for_metrics=task.preprocess_logits)
     return trainer.predict(features), trainer.model
+
+
+def save_tiny_classifier(path, seed: int = 0, **config) -> str:
+    """A tiny random BertForSequenceClassification saved with the embedded model's tokenizer
+    (vocabulary 30522 unless ``vocab_size`` says otherwise); ``config`` overrides the sizes."""
+    from transformers import AutoTokenizer
+
+    from sparsebert.models import embedded_model_dir
+
+    sizes = {"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32, "max_position_embeddings": 64, "num_labels": 2, **config}
+    torch.manual_seed(seed)
+    BertForSequenceClassification(BertConfig(**sizes)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(path)
+    return str(path)

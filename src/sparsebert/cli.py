@@ -55,8 +55,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="auto",
         default=None,
-        help="resume from the last checkpoint in --output-dir (or from the given one)",
+        help="resume from the last complete checkpoint in --output-dir (or from the given one)",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in --output-dir (refused without it)")
+    p.add_argument("--debias", choices=["poe", "reweight", "conf-reg"],
+                   help="a debiasing loss in place of the task loss (SRNets; conf-reg needs --teacher)")
+    p.add_argument("--bias-probs", metavar="FILE",
+                   help="the bias-only model's file (`sparsebert bias-model`)")
     _data_options(p)
 
 
@@ -70,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tuning (e.g. the teacher); a sparse model keeps its zeros", epilog=EPILOG
     )
     _train_options(ft)
+    ft.add_argument("--teacher", help="only with --debias conf-reg: its teacher (finetune does not distil)")
     ft.add_argument("--unlock-mask", action="store_true",
                     help="let the zeros of an already sparse model become non-zero (default: locked)")
 
@@ -81,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shipped recipe name (see `sparsebert recipes`) or a YAML path")
     pr.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (overrides the recipe)")
     pr.add_argument("--teacher", help="fine-tuned dense model to distil from")
+
+    os_ = sub.add_parser("oneshot", help="prune a fine-tuned model in one shot, no training "
+                         "(sparsegpt, wanda, magnitude, obert), evaluate and save it")
+    os_.add_argument("model", help="a model fine-tuned on --task (local path or hub name)")
+    _data_options(os_, train=False)
+    os_.add_argument("--criterion", required=True,
+                     help="sparsegpt (layer-wise reconstruction) or a registered criterion: "
+                     "magnitude, wanda, obert")
+    os_.add_argument("--sparsity", type=float, help="exact fraction pruned (not needed with --pattern)")
+    os_.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 (keep 2 of every 4 weights)")
+    os_.add_argument("--allocation", choices=["global", "uniform", "per-row"],
+                     help="default: the criterion's own (wanda: per-row), else uniform")
+    os_.add_argument("--targets", nargs="+", default=["encoder-linears"],
+                     help="what to prune (presets or regexes)")
+    os_.add_argument("--calibration-samples", type=int, default=128, help="training examples to calibrate on")
+    os_.add_argument("--calibration-batch-size", type=int, default=16)
+    os_.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="a criterion option, e.g. block_size=64 (obert), damp=0.01 (sparsegpt)")
+    os_.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    os_.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    os_.add_argument("--output-dir", required=True, help="where the pruned model and reports go")
+    os_.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved model on a task")
     ev.add_argument("model")
@@ -119,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("path", help="model / checkpoint / export folder (or one .safetensors file)")
     ve.add_argument("--json", action="store_true", help="print JSON instead of a report")
 
+    bm = sub.add_parser("bias-model", help="fit a bias-only model: out-of-fold probabilities of the "
+                        "training set for --debias, accuracy in distribution and on the OOD sets")
+    bm.add_argument("--task", required=True, help="a classification task, e.g. mnli mnli-dev-split qqp fever")
+    bm.add_argument("--data-dir", help="folder with the task's files (omit: the hub)")
+    bm.add_argument("--kind", required=True, choices=["hypothesis-only", "overlap", "claim-only"])
+    bm.add_argument("--output", required=True, help="FILE.safetensors (or .json) for --bias-probs")
+    bm.add_argument("--folds", type=int, default=5, help="k of the out-of-fold predictions")
+    bm.add_argument("--seed", type=int, default=0)
+    bm.add_argument("--max-train-samples", type=int, help="use the first N training examples")
+    bm.add_argument("--max-eval-samples", type=int, help="use the first N examples of each evaluation set")
+    bm.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE first")
+
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("tasks", help="list the registered tasks")
     return parser
@@ -138,7 +179,14 @@ def _run_bench(ns: argparse.Namespace) -> int:
     import os
 
     from sparsebert.models import resolve_model_path
+    from sparsebert.preflight import check_positive
     from sparsebert.runtime.bench import benchmark_model, write_json, write_markdown
+
+    for name in ("batches", "seqs"):
+        for value in getattr(ns, name):
+            check_positive(f"--{name}", value)
+    check_positive("--threads", ns.threads)
+    check_positive("--repeats", ns.repeats)
 
     result = benchmark_model(resolve_model_path(ns.model), batches=ns.batches, seqs=ns.seqs,
                              threads=ns.threads, repeats=ns.repeats, runtimes=ns.runtimes,
@@ -177,6 +225,10 @@ def _run_training(ns: argparse.Namespace, rest: list[str]) -> int:
     from sparsebert.recipe import load_recipe
 
     overrides = list(ns.set)
+    from sparsebert.debias import debias_from_cli
+
+    debias, implied = debias_from_cli(ns)
+    overrides += implied
     if ns.command == "prune" and ns.sparsity is not None:
         overrides.append(f"sparsity={ns.sparsity}")
     recipe = load_recipe("finetune" if ns.command == "finetune" else ns.recipe, overrides)
@@ -190,6 +242,8 @@ def _run_training(ns: argparse.Namespace, rest: list[str]) -> int:
         training_overrides=_training_overrides(rest),
         resume=ns.resume,
         unlock_mask=getattr(ns, "unlock_mask", False),
+        overwrite=ns.overwrite,
+        debias=debias,
     )
     summary = {k: info[k] for k in ("task", "target_sparsity", "train_steps", "wall_seconds")}
     summary["method"] = info["method"]["name"]
@@ -214,10 +268,17 @@ def main(argv: list[str] | None = None) -> int:
             return _run_training(ns, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if ns.command == "oneshot":
+            from sparsebert.oneshot import run_from_cli
+
+            return run_from_cli(ns)
         if ns.command == "evaluate":
-            from sparsebert.pipeline import DataOptions, evaluate_saved
+            from sparsebert.pipeline import DataOptions, check_data_options, evaluate_saved
+            from sparsebert.preflight import check_positive
 
             data = DataOptions(ns.task, ns.data_dir, None, ns.max_eval_samples, ns.max_seq_length, ns.split)
+            check_data_options(data)
+            check_positive("--batch-size", ns.batch_size)
             print(json.dumps(evaluate_saved(ns.model, data, ns.batch_size), indent=2))
             return 0
         if ns.command == "sparsity":
@@ -243,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             if not result.ok:
                 raise SparseBertError(f"{len(result.problems)} problem(s) in {ns.path} (listed above)")
             return 0
+        if ns.command == "bias-model":
+            from sparsebert.bias_models import run_from_cli as run_bias_model
+
+            return run_bias_model(ns)
         if ns.command == "recipes":
             from sparsebert.recipe import available_recipes
 
@@ -258,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     except SparseBertError as err:
         print(f"sparsebert: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if getattr(ns, "output_dir", None):
+            from sparsebert.pipeline import last_checkpoint_hint
+
+            hint = last_checkpoint_hint(ns.output_dir)
+        print(f"sparsebert: interrupted{hint or ' (no complete checkpoint yet)'}", file=sys.stderr)
+        return 130
     return 1
 
 

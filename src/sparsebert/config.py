@@ -46,6 +46,8 @@ class Recipe:
     allocation: str = "global"
     sparsity: float = 0.9
     criterion: str = "magnitude"
+    criterion_options: Any = None  # the criterion's Options dataclass, when the recipe sets any
+    pattern: str | None = None  # "N:M" semi-structured sparsity (fixes sparsity at 1 - N/M)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)

@@ -1,6 +1,6 @@
 """Criteria: how important is each weight. One of the four choices of a pruning method.
 
-A criterion only scores; which weights go is the allocation's job (global or uniform exact
+A criterion only scores; which weights go is the allocation's job (global, uniform or per-row exact
 top-k) and when is the schedule's. So the same criterion serves a gradual pruner during
 training (`methods.gradual.GradualPruner`) and a one-shot pass over calibration batches
 (`oneshot.prune_oneshot`), and a new one — oBERT (gradients), Wanda (activations),
@@ -11,7 +11,17 @@ registered in `CRITERIA`:
   installs in `attach`, ``"gradients"`` via `observe_gradients`, called after every backward
   pass and before the optimizer step);
 - `scores`: one tensor per parameter, higher = more important;
-- `update_weights`: an optional correction of the weights that stay, after pruning (OBS).
+- `update_weights`: an optional correction of the weights that stay, after pruning (OBS);
+- optional class attributes: ``allocation`` (the allocation its scores are meant for: Wanda
+  compares within output rows, so one-shot uses ``per-row`` for it unless told otherwise),
+  ``Options`` (a dataclass of its settings, given as ``criterion_options:`` in a recipe or
+  ``--option key=value`` to `sparsebert oneshot`), ``observation_window`` (how many optimizer
+  steps before a pruning step it needs to observe; the gradual pruner skips the others) and
+  ``updates_weights``.
+
+Built in: ``magnitude`` (here), ``wanda`` (`sparsebert.wanda`), ``obert``
+(`sparsebert.obert`). SparseGPT is not a criterion but a one-shot layer-wise solver
+(`sparsebert.sparsegpt`, used by `sparsebert.oneshot`).
 """
 
 from __future__ import annotations
@@ -29,6 +39,10 @@ class Criterion:
 
     name = "criterion"
     needs: frozenset[str] = frozenset()
+    allocation: str | None = None
+    Options: type | None = None
+    observation_window: int | None = None
+    updates_weights: bool = False
 
     def attach(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
         """Install whatever the criterion observes (forward hooks for activations)."""
@@ -60,13 +74,14 @@ class Magnitude(Criterion):
         return {n: p.detach().abs().float() for n, p in params.items()}
 
 
-CRITERIA: Registry[type[Criterion]] = Registry("criterion")
+CRITERIA: Registry[type[Criterion]] = Registry("criterion", builtins=["sparsebert.wanda", "sparsebert.obert"])
 CRITERIA.register("magnitude", Magnitude)
 
 
-def get_criterion(name: str) -> Criterion:
-    """A fresh instance of the criterion registered as ``name``."""
-    return CRITERIA.get(name)()
+def get_criterion(name: str, options: object | None = None) -> Criterion:
+    """A fresh instance of the criterion registered as ``name`` (with its ``Options``, if given)."""
+    cls = CRITERIA.get(name)
+    return cls() if options is None else cls(options=options)
 
 
 __all__ = ["CRITERIA", "Criterion", "Magnitude", "get_criterion"]

@@ -132,7 +132,7 @@ class Distillation(LossTerm):
         return torch.stack(terms).mean()
 
 
-LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term")
+LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term", builtins=["sparsebert.debias"])
 LOSS_TERMS.register("task", TaskLoss)
 LOSS_TERMS.register("kd", Distillation)
 

@@ -117,7 +117,17 @@ class FixedMasks:
         """Load masks saved by `save` (raises if the file or a parameter is missing)."""
         path = os.path.join(directory, MASKS_FILE)
         if not os.path.isfile(path):
-            raise SparseBertError(f"no {MASKS_FILE} in checkpoint '{directory}': cannot restore masks")
+            parent = os.path.dirname(os.path.abspath(directory))
+            with_masks = sorted(
+                d for d in os.listdir(parent)
+                if os.path.isfile(os.path.join(parent, d, MASKS_FILE))
+                and os.path.isfile(os.path.join(parent, d, "checksums.json"))
+            ) if os.path.isdir(parent) else []
+            hint = (f"complete checkpoints with masks in {parent}: {', '.join(with_masks)}" if with_masks
+                    else "no checkpoint beside it has masks either (was it saved by a run without pruning?)")
+            raise SparseBertError(
+                f"no {MASKS_FILE} in checkpoint '{directory}': cannot restore masks; {hint}"
+            )
         stored = load_file(path)
         missing = set(self.params) - set(stored)
         if missing:

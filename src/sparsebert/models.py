@@ -15,6 +15,7 @@ from torch import nn
 from sparsebert.errors import SparseBertError
 from sparsebert.heads import is_task_head
 from sparsebert.safe_load import check_model_folder
+from sparsebert.verify import check_saved_files
 
 logger = logging.getLogger("sparsebert")
 RUN_INFO_FILE = "sparsebert.json"
@@ -60,9 +61,10 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 
 def _hub_error(name: str, err: Exception) -> SparseBertError:
+    local = "" if os.path.exists(name) else f"there is no local folder '{name}' here ({os.getcwd()}), and "
     return SparseBertError(
-        f"could not load model '{name}': {str(err).splitlines()[0]}. Is the name right, and is "
-        "the hub reachable (set HF_HUB_OFFLINE=1 and use a local path without internet)?"
+        f"could not load model '{name}': {local}{str(err).splitlines()[0]}. Is the name or path "
+        "right, and is the hub reachable (set HF_HUB_OFFLINE=1 and use a local path without internet)?"
     )
 
 
@@ -94,6 +96,27 @@ def load_config(name_or_path: str | None):
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise _hub_error(path, err) from None
+
+
+def check_encoder(config, name: str | None) -> None:
+    """sparsebert prunes encoders (BERT family): a decoder-only or encoder-decoder model is
+    refused up front, not after training when no encoder layer is found."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        family = "an encoder-decoder model"
+    elif kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        family = "a decoder-only language model"
+    else:
+        return
+    raise SparseBertError(
+        f"'{name}' is a {kind} model, {family}: sparsebert fine-tunes and prunes encoders "
+        "(BERT, RoBERTa, DeBERTa, ELECTRA, ModernBERT, ...); use one of those"
+    )
 
 
 def saved_label_names(config) -> tuple[str, ...] | None:
@@ -172,7 +195,10 @@ def load_model(name_or_path: str | None, task: Any, role: str = "student") -> nn
     path = resolve_model_path(name_or_path)
     who = {"student": "model", "teacher": "teacher", "evaluate": "model"}[role]
     check_model_folder(path, who)
+    if os.path.isdir(path):
+        check_saved_files(path, who)
     config = load_config(path)
+    check_encoder(config, name_or_path)
     finetuned = is_finetuned(config, task.kind)
     if role != "student" and not finetuned:
         if task.kind == "masked-lm":

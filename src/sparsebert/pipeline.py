@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sparsebert.config import Recipe
@@ -22,6 +23,16 @@ from sparsebert.errors import SparseBertError
 from sparsebert.losses import LossTerm, distillation_terms
 from sparsebert.methods.base import MethodContext, PruningMethod, build_method
 from sparsebert.models import RUN_INFO_FILE, load_model, load_tokenizer, resolve_model_path
+from sparsebert.preflight import (
+    check_free_space,
+    check_positive,
+    check_training_numbers,
+    checkpoint_bytes,
+    complete_checkpoints,
+    describe_os_error,
+    prepare_output_dir,
+    run_identity,
+)
 from sparsebert.report import format_report, sparsity_report
 from sparsebert.safe_load import check_model_folder
 from sparsebert.targets import select_targets
@@ -43,6 +54,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "train_sampling_strategy": "group_by_length",
     "seed": 42,
 }
+
+MIN_SEQ_LENGTH = 8
+"""Shorter sequences cannot hold the special tokens and a pair of texts (or a prompt)."""
 
 SPARSE_MODEL_MIN_ZEROS = 0.05
 """A starting model whose targeted weights are at least this fraction exact zeros is taken
@@ -88,6 +102,34 @@ def build_training_args(output_dir: str, recipe: Recipe, explicit: dict[str, Any
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
         raise SparseBertError(f"invalid training arguments: {err}") from None
+
+
+def check_data_options(data: DataOptions) -> None:
+    if not isinstance(data.max_seq_length, int) or data.max_seq_length < MIN_SEQ_LENGTH:
+        raise SparseBertError(
+            f"--max-seq-length must be an integer >= {MIN_SEQ_LENGTH} (tokens per example, special "
+            f"tokens included), got {data.max_seq_length!r}"
+        )
+    check_positive("--max-train-samples", data.max_train_samples)
+    check_positive("--max-eval-samples", data.max_eval_samples)
+
+
+def check_vocabulary(tokenizer, model, who: str) -> None:
+    """Token ids past the embedding table fail deep inside torch: say so before training."""
+    size = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > size:
+        raise SparseBertError(
+            f"{who}: its tokenizer has {len(tokenizer)} tokens but its embeddings only {size}: the "
+            "tokenizer saved with the model is not the one it was trained with"
+        )
+
+
+def last_checkpoint_hint(output_dir: str) -> str:
+    """'; the last complete checkpoint is X (resume with --resume)' or ''."""
+    complete = complete_checkpoints(output_dir)
+    if not complete:
+        return ""
+    return f"; the last complete checkpoint is {complete[-1]} (continue with --resume)"
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -254,18 +296,29 @@ def train_run(
     unlock_mask: bool = False,
     extra_loss_terms: Sequence[LossTerm] = (),
     callbacks: Sequence[Any] = (),
+    overwrite: bool = False,
+    debias: Any = None,
 ) -> TrainRun:
     """Fine-tune (recipe method ``dense``; a sparse model keeps its zeros), prune while
     fine-tuning (``gmp``), transfer with a locked mask (``transfer``) or learn masks
     (movement, soft-movement, smp-l, smp-s, mask-train); evaluate, save and report.
 
     ``extra_loss_terms`` are added to the recipe's (task loss, distillation, the method's
-    penalty); ``callbacks`` are `transformers.TrainerCallback`s for the Trainer."""
+    penalty); ``callbacks`` are `transformers.TrainerCallback`s for the Trainer. ``debias``
+    (`debias.DebiasOptions`) replaces the task-loss term by a debiasing loss."""
     from transformers import set_seed
 
     started = time.time()
     task = get_task(data.task)
+    check_data_options(data)
+    if debias is not None:
+        from sparsebert.debias import check_teacher
+
+        check_teacher(debias, teacher_path)
     args = build_training_args(output_dir, recipe, training_overrides)
+    check_training_numbers(args)
+    resume_from = prepare_output_dir(output_dir, run_identity(task.name, model_path, recipe,
+                                                              data.max_seq_length), resume, overwrite)
     set_seed(args.seed)  # before any head is initialised: same seed, same model
     tokenizer = load_tokenizer(model_path)
     prompt = recipe.learned and use_prompt_head(recipe, model_path, task)
@@ -282,6 +335,8 @@ def train_run(
     _, train_ds, raw_train, evals = prepare_datasets(data, tokenizer, prompt=prompt)
     model = load_prompt_classifier(model_path, tokenizer, task) if prompt else load_model(model_path, task)
     plain_model = model.mlm if prompt else model
+    check_vocabulary(tokenizer, plain_model, model_path or "the embedded model")
+    check_free_space(Path(output_dir), checkpoint_bytes(plain_model))
     recipe = choose_recipe(recipe, plain_model, unlock_mask)
 
     context = MethodContext(model_path=resolve_model_path(model_path),
@@ -291,11 +346,13 @@ def train_run(
 
     teacher = None
     use_kd = recipe.distillation.enabled and teacher_path is not None
-    if teacher_path is not None and not recipe.distillation.enabled:
+    debias_teacher = debias is not None and debias.needs_teacher  # conf-reg reads the teacher, KD or not
+    if teacher_path is not None and not recipe.distillation.enabled and not debias_teacher:
         logger.warning("recipe '%s' disables distillation: the teacher is not used", recipe.name)
-    if use_kd:
+    if use_kd or debias_teacher:
         teacher = load_model(teacher_path, task, role="teacher")
         teacher_tokenizer = load_tokenizer(teacher_path)
+        check_vocabulary(teacher_tokenizer, teacher, f"teacher '{teacher_path}'")
         if prompt or not _same_vocabulary(tokenizer, teacher_tokenizer):
             if task.kind != "sequence-classification":
                 raise SparseBertError(
@@ -305,6 +362,11 @@ def train_run(
             train_ds = add_teacher_inputs(train_ds, raw_train, task, teacher_tokenizer, data.max_seq_length)
     terms = distillation_terms(recipe.distillation.hardness, recipe.distillation.temperature, use_kd)
     terms += list(extra_loss_terms)
+    debias_info = None
+    if debias is not None:  # the bias_probs column, checked by hash; the debias term for the task loss
+        from sparsebert.debias import apply_debias
+
+        train_ds, terms, debias_info = apply_debias(debias, task, raw_train, train_ds, terms)
 
     from sparsebert.collators import with_extra_columns
     from sparsebert.trainer import SparseTrainer
@@ -328,18 +390,20 @@ def train_run(
         lr_final_ratio=recipe.lr.final_ratio,
         callbacks=list(callbacks),
     )
-    if resume == "auto" or resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if resume is None:
-            logger.warning("no checkpoint in %s: starting from scratch", output_dir)
-    elif resume and not os.path.isdir(resume):
-        raise SparseBertError(f"checkpoint to resume from '{resume}' does not exist")
-    train_result = trainer.train(resume_from_checkpoint=resume or None)
-    eval_results = evaluate_all(trainer, task, evals)
-    if trainer.is_world_process_zero():
-        trainer.save_model(output_dir)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+        eval_results = evaluate_all(trainer, task, evals)
+        if trainer.is_world_process_zero():
+            trainer.save_model(output_dir)
+    except OSError as err:
+        raise SparseBertError(f"writing to {output_dir} failed: {describe_os_error(err)}"
+                              f"{last_checkpoint_hint(output_dir)}") from None
+    except RuntimeError as err:  # torch.save reports a full disk as an 'iostream error'
+        if "iostream" not in str(err) and "PytorchStreamWriter" not in str(err):
+            raise
+        first_line = str(err).splitlines()[0]
+        raise SparseBertError(f"writing to {output_dir} failed (is the disk full?): {first_line}"
+                              f"{last_checkpoint_hint(output_dir)}") from None
     prunes = recipe.method != "dense"
     report = sparsity_report(plain_model, recipe.targets if prunes else ["encoder-linears"])
     command = {"dense": "finetune", "transfer": "transfer"}.get(recipe.method, "prune")
@@ -356,6 +420,7 @@ def train_run(
         "metrics": next(iter(eval_results.values()), {}),
         "eval_sets": eval_results,
         "loss_terms": {t.name: t.weight for t in trainer.loss_terms},
+        "debias": debias_info,
         "method": {"name": recipe.method, **method.report()},
         "sparsity": report,
     }

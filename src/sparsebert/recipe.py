@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 from importlib import resources
 from typing import Any
@@ -16,6 +17,8 @@ import yaml
 
 from sparsebert.config import DistillationConfig, LRConfig, Recipe, ScheduleConfig
 from sparsebert.errors import SparseBertError, check_sparsity
+
+logger = logging.getLogger("sparsebert")
 
 _SECTIONS = {"schedule": ScheduleConfig, "lr": LRConfig, "distillation": DistillationConfig}
 
@@ -79,6 +82,25 @@ def _build_section(cls: type, data: Any, where: str) -> Any:
                                  else {"float": float, "bool": bool, "str": str}.get(f.type),
                                  f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _training_value(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """A TrainingArguments value of the field's type: numbers and booleans are checked here,
+    not deep inside the Trainer (a string learning rate fails at the first optimizer step)."""
+    default = f.default
+    if isinstance(default, bool):
+        return _coerce(value, bool, where)
+    if not isinstance(default, int | float):
+        return value
+    if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
+        try:
+            number = float(value)
+        except ValueError:
+            raise SparseBertError(f"{where} must be a number, got {value!r}") from None
+        value = int(number) if isinstance(default, int) and number.is_integer() else number
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SparseBertError(f"{where} must be a number, got {value!r}")
+    return value
 
 
 def _generic_keys() -> list[str]:
@@ -145,6 +167,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
             f"{source}: method '{r.method}' does not use a criterion (its masks are "
             f"{'learned' if method.sections else 'not pruned by scores'}); drop the criterion key"
         )
+    _criterion_options_and_pattern(r, data, method, source)
     for key, cls in _SECTIONS.items():
         setattr(r, key, _build_section(cls, data.get(key), f"{source}: {key}"))
     if "rewarm" not in (data.get("lr") or {}):
@@ -154,17 +177,21 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise SparseBertError(f"{source}: training must be a mapping of TrainingArguments fields")
     from transformers import TrainingArguments
 
-    ta_fields = [f.name for f in dataclasses.fields(TrainingArguments)]
+    ta_fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
     for key in training:
         if key not in ta_fields:
-            raise _unknown_key(key, ta_fields, f"{source}: training (TrainingArguments)")
-    r.training = dict(training)
+            raise _unknown_key(key, list(ta_fields), f"{source}: training (TrainingArguments)")
+    r.training = {k: _training_value(v, ta_fields[k], f"{source}: training.{k}") for k, v in training.items()}
     for key, cls in method.sections.items():
         given = data.get(key)
         defaults = method.section_defaults.get(key, {})
         merged = {**defaults, **given} if isinstance(given, dict) else (given or defaults)
         r.sections[key] = _build_section(cls, merged, f"{source}: {key}")
     if method.prunes:
+        if r.schedule.init_sparsity > r.sparsity:  # the first step never overshoots the target
+            logger.info("%s: schedule.init_sparsity %g is above the target %g: the first step prunes to %g",
+                        source, r.schedule.init_sparsity, r.sparsity, r.sparsity)
+            r.schedule.init_sparsity = r.sparsity  # what runs is what sparsebert.json records
         r.gradual_schedule()  # validates the schedule's ranges
     if not 0.0 <= r.distillation.hardness <= 1.0:
         raise SparseBertError(f"{source}: distillation.hardness must be in [0, 1]")
@@ -172,6 +199,40 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise SparseBertError(f"{source}: distillation.temperature must be > 0")
     method.validate_recipe(r, source)
     return r
+
+
+def _criterion_options_and_pattern(r: Recipe, data: dict[str, Any], method: Any, source: str) -> None:
+    """``criterion_options`` (the criterion's Options dataclass) and ``pattern`` ("N:M", which
+    fixes the sparsity at 1 - N/M), for methods that prune by a criterion."""
+    from sparsebert.allocation import parse_pattern, pattern_sparsity
+    from sparsebert.criteria import CRITERIA
+
+    for key in ("criterion_options", "pattern"):
+        if data.get(key) is not None and not method.uses_criterion:
+            raise SparseBertError(f"{source}: {key} is for methods that prune by a criterion (gmp), "
+                                  f"not for method '{r.method}'")
+    given = data.get("criterion_options")
+    if given is not None:
+        options_cls = getattr(CRITERIA.get(r.criterion), "Options", None)
+        if options_cls is None:
+            raise SparseBertError(f"{source}: criterion '{r.criterion}' takes no criterion_options")
+        r.criterion_options = _build_section(options_cls, given, f"{source}: criterion_options")
+    pattern = data.get("pattern")
+    if pattern is None:
+        return
+    if isinstance(pattern, int) and not isinstance(pattern, bool):
+        raise SparseBertError(
+            f"{source}: pattern must be quoted, e.g. pattern: \"2:4\" (unquoted, YAML reads 2:4 as "
+            f"the base-60 number {pattern})"
+        )
+    n, m = parse_pattern(pattern, f"{source}: pattern")
+    r.pattern = f"{n}:{m}"
+    final = pattern_sparsity(n, m)
+    if abs(r.sparsity - final) > 1e-9:
+        raise SparseBertError(
+            f"{source}: pattern {n}:{m} keeps {n} of every {m} weights, i.e. sparsity {final:g}, but "
+            f"sparsity is {r.sparsity:g}: set sparsity: {final:g} (--sparsity {final:g})"
+        )
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -210,12 +271,17 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
         raise SparseBertError(f"{source} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise SparseBertError(f"{source} is not UTF-8 text (UTF-16?): save the recipe as UTF-8") from None
     for item in overrides or []:
         if "=" not in item:
             raise SparseBertError(f"override '{item}' must look like key=value, e.g. schedule.end=0.8")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            if key.strip() == "pattern":  # unquoted, YAML reads 2:4 as the base-60 number 124
+                value = None if raw.strip().lower() in ("", "null", "~", "none") else raw.strip()
+            else:
+                value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
         if isinstance(data, dict):

@@ -25,6 +25,7 @@ was multiplied by the accumulation steps, and the task loss by the world size.)
 from __future__ import annotations
 
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,7 @@ from transformers import Trainer, TrainerCallback
 from sparsebert.collators import TEACHER_PREFIX
 from sparsebert.losses import LossBatch, LossTerm, TaskLoss
 from sparsebert.methods.base import PruningMethod
+from sparsebert.preflight import RUN_FILE
 from sparsebert.prompt_head import PromptClassifier
 from sparsebert.schedules import rewarm_lr_lambda
 from sparsebert.verify import write_checksums
@@ -100,13 +102,17 @@ class EpochSeededLengthGroupedSampler:
 
 
 class ChecksumCallback(TrainerCallback):
-    """Writes ``checksums.json`` into every checkpoint once everything in it is saved (the
-    last callback), so `sparsebert verify` can tell a damaged checkpoint."""
+    """Writes the run's identity and ``checksums.json`` into every checkpoint once everything
+    in it is saved (the last callback): `sparsebert verify` can tell a damaged checkpoint, and
+    ``--resume`` skips one whose writing was interrupted (no checksums yet)."""
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(folder):
-            write_checksums(folder)
+            run_file = os.path.join(args.output_dir, RUN_FILE)
+            if os.path.isfile(run_file):  # what run this is, for --resume's check
+                shutil.copy2(run_file, os.path.join(folder, RUN_FILE))
+            write_checksums(folder)  # last: marks the checkpoint complete
 
 
 class SparseTrainer(Trainer):

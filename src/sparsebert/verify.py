@@ -237,6 +237,22 @@ def _check_checksums(scope: _Scope, folder: Path) -> set[str]:
     return bad
 
 
+def check_saved_files(folder: str | os.PathLike, what: str = "model") -> None:
+    """Before a saved folder is loaded: if it has ``checksums.json``, every file it lists must
+    still match, or a `SparseBertError` names the damaged files (a flipped byte in a weight
+    would otherwise load, and evaluate to garbage with exit 0)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS_FILE).is_file():
+        return
+    result = VerifyResult(str(folder))
+    _check_checksums(_Scope(result, ""), folder)
+    if result.problems:
+        raise SparseBertError(
+            f"{what} folder {folder} is damaged: {'; '.join(result.problems)}; restore it from a copy "
+            f"or re-create it (`sparsebert verify {folder}` lists everything)"
+        )
+
+
 def _check_json(scope: _Scope, folder: Path) -> dict[str, Any]:
     parsed, ok = {}, []
     for p in sorted(folder.glob("*.json")):

@@ -125,6 +125,8 @@ METHODS: Registry[type[PruningMethod]] = Registry("pruning method", builtins=[
     "sparsebert.methods.movement",
     "sparsebert.methods.smp",
     "sparsebert.methods.mask_training",
+    "sparsebert.methods.imp",
+    "sparsebert.methods.srnet_rewind",
 ])
 
 

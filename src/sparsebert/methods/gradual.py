@@ -5,7 +5,16 @@ criterion (magnitude for GMP and GMP*), gives already pruned weights -inf (so ma
 ever shrink and ties never revive one), keeps the top of the allocation exactly by count,
 installs the masks in place, zeroes the optimizer state of newly pruned weights and lets
 the criterion correct the weights that stay (OBS-style criteria). In a distributed run rank
-0's masks are broadcast so that every rank prunes exactly the same weights.
+0's masks (and a weight-updating criterion's corrected weights) are broadcast so that every
+rank prunes exactly the same weights. With a ``pattern`` N:M (recipe key ``pattern: "2:4"``,
+which fixes the target sparsity at 1 - N/M) each step keeps the N best of every M
+consecutive weights and prunes among the rest, so the schedule ramps and its last step is
+exactly N:M.
+
+A criterion that observes (activations, gradients) needs observations before its first
+pruning step, so its recipe needs ``schedule.start > 0``; a criterion with an
+``observation_window`` (oBERT's ``num_grads``) is given the gradients of only that many
+optimizer steps before each pruning step.
 
 `GradualPruning` is the method ``gmp`` (with ``criterion:`` any registered criterion)
 driven by the trainer through the `PruningMethod` hooks.
@@ -19,9 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsebert.allocation import masks_from_scores
+from sparsebert.allocation import check_pattern_shape, masks_from_scores, parse_pattern
 from sparsebert.config import Recipe
-from sparsebert.criteria import Criterion, Magnitude, get_criterion
+from sparsebert.criteria import CRITERIA, Criterion, Magnitude, get_criterion
+from sparsebert.errors import SparseBertError
 from sparsebert.masks import FixedMasks
 from sparsebert.methods.base import MethodContext, register_method
 from sparsebert.methods.fixed import FixedMaskMethod
@@ -45,17 +55,24 @@ class GradualPruner:
         allocation: str,
         criterion: Criterion | None = None,
         masks: FixedMasks | None = None,
+        pattern: str | tuple[int, int] | None = None,
     ):
         self.masks = masks if masks is not None else FixedMasks(params)
         self.schedule = schedule
         self.allocation = allocation
         self.criterion = criterion if criterion is not None else Magnitude()
+        self.pattern = parse_pattern(pattern)
+        if self.pattern is not None:
+            for name, p in self.masks.params.items():
+                check_pattern_shape(name, p.shape, *self.pattern)
         self.current_sparsity = 0.0
 
     def prune_to(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Prune (exactly, by count) to ``sparsity`` by the criterion."""
-        new = masks_from_scores(ranked_scores(self.masks, self.criterion), sparsity, self.allocation)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        new = masks_from_scores(ranked_scores(self.masks, self.criterion), sparsity, self.allocation,
+                                pattern=self.pattern)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             for name in sorted(new):
                 m = new[name].to(torch.uint8)
                 if dist.get_backend() == "nccl":
@@ -64,6 +81,16 @@ class GradualPruner:
                 new[name] = m.bool().to(self.masks.params[name].device)
         self.masks.set_masks(new, optimizer)
         self.criterion.update_weights(self.masks.params, self.masks.masks)
+        if distributed and self.criterion.updates_weights:
+            # every rank computed the same update from the same all-reduced gradients; rank 0's
+            # weights are broadcast anyway so that floating-point differences cannot creep in
+            with torch.no_grad():
+                for name in sorted(self.masks.params):
+                    p = self.masks.params[name]
+                    buf = p.data.cuda() if dist.get_backend() == "nccl" and not p.is_cuda else p.data
+                    dist.broadcast(buf, src=0)
+                    if buf is not p.data:
+                        p.data.copy_(buf)
         self.masks.apply_()
         self.current_sparsity = sparsity
 
@@ -88,24 +115,61 @@ class GradualPruning(FixedMaskMethod):
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], recipe: Recipe,
                  context: MethodContext | None = None):
         super().__init__(model, params, recipe, context)
-        self.pruner = GradualPruner(params, recipe.gradual_schedule(), recipe.allocation,
-                                    get_criterion(recipe.criterion), masks=self.masks)
+        criterion = get_criterion(recipe.criterion, recipe.criterion_options)
+        self.pruner = GradualPruner(params, recipe.gradual_schedule(), recipe.allocation, criterion,
+                                    masks=self.masks, pattern=recipe.pattern)
+        self._step = 0
+        self._total = 0
+
+    @classmethod
+    def validate_recipe(cls, recipe: Recipe, source: str) -> None:
+        needs = CRITERIA.get(recipe.criterion).needs
+        if needs and recipe.schedule.start <= 0.0:
+            raise SparseBertError(
+                f"{source}: criterion {recipe.criterion} needs {' and '.join(sorted(needs))} observed "
+                "during training before its first pruning step, which schedule.start = 0 puts at the "
+                "very first step: set schedule.start > 0 (e.g. --set schedule.start=0.05)"
+            )
 
     def pruning_steps(self, total_steps: int) -> list[int]:
         return self.pruner.schedule.pruning_steps(total_steps)
+
+    def _next_pruning_step(self, step: int, total_steps: int) -> int | None:
+        """The next step (after ``step``) at which the schedule prunes more (or its last step)."""
+        schedule = self.pruner.schedule
+        steps = schedule.pruning_steps(total_steps)
+        previous = 0.0
+        for s in steps:
+            target = schedule.sparsity_at(s, total_steps)
+            if s > step and (target > previous or s == steps[-1]):
+                return s
+            previous = max(previous, target)
+        return None
 
     def on_train_begin(self) -> None:
         super().on_train_begin()
         self.pruner.criterion.attach(self.model, self.params)
 
     def on_step_begin(self, step, total_steps, optimizer) -> dict | None:
+        self._step, self._total = step, total_steps
         if self.pruner.maybe_prune(step, total_steps, optimizer):
             return {"pruned_to_sparsity": self.pruner.current_sparsity}
         return None
 
     def on_pre_optimizer_step(self) -> None:
-        if "gradients" in self.pruner.criterion.needs:
-            self.pruner.criterion.observe_gradients(self.params)
+        """Gradients here are final (accumulated, all-reduced under DDP, clipped): every rank
+        observes the same ones. Only the window before the next pruning step is observed."""
+        criterion = self.pruner.criterion
+        if "gradients" not in criterion.needs:
+            return
+        if self._total:
+            upcoming = self._next_pruning_step(self._step, self._total)
+            if upcoming is None:
+                return
+            window = criterion.observation_window
+            if window is not None and upcoming - self._step > window:
+                return
+        criterion.observe_gradients(self.params)
 
     def on_train_end(self, args: Any) -> None:
         self.pruner.criterion.detach()
@@ -116,4 +180,7 @@ class GradualPruning(FixedMaskMethod):
         self.pruner.current_sparsity = self.masks.sparsity()
 
     def report(self) -> dict[str, Any]:
-        return {**super().report(), "criterion": self.pruner.criterion.name}
+        out = {**super().report(), "criterion": self.pruner.criterion.name}
+        if self.pruner.pattern is not None:
+            out["pattern"] = "{}:{}".format(*self.pruner.pattern)
+        return out

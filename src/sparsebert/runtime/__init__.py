@@ -1,8 +1,8 @@
 """Fast sparse inference on the CPU.
 
 `sparsify_for_inference` swaps sparse kernels (`SparseLinear`, and fused `SparseFFN` /
-shared-input groups; native AVX2 kernels, numba where those cannot be built) into a model
-wherever calibration shows they are faster than the dense kernels; `benchmark_model` (in
+shared-input groups; native AVX-512 or AVX2 kernels, numba where those cannot be built) into
+a model wherever calibration shows they are faster than the dense kernels; `benchmark_model` (in
 `sparsebert.runtime.bench`) measures the result against PyTorch and ONNX Runtime.
 `keep_freed_memory` stops glibc from handing freed tensors back to the OS between ops.
 """

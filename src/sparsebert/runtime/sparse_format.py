@@ -1,9 +1,10 @@
 """The weight layouts the sparse kernels read.
 
-`RowPanels` (the native AVX2 kernels): input features cut into panels, within a panel
-one run of (index, value) entries per output row, rows in natural order, no padding. The
-native kernel reads four entries at a time with wide loads and splits each row between
-independent accumulators itself, so it needs no grouping (see kernels_avx2.c).
+`RowPanels` (the native AVX2 and AVX-512 kernels, one layout for both): input features cut
+into panels, within a panel one run of (index, value) entries per output row, rows in
+natural order, no padding. The native kernels read four entries at a time with wide loads
+and split each row between independent accumulators themselves, so they need no grouping
+(see kernels_avx2.c).
 
 `GroupedSparse` (the numba kernels), and why each step:
 - rows sorted by non-zero count, then cut into groups of `GROUP`: the kernel runs the
@@ -18,6 +19,7 @@ independent accumulators itself, so it needs no grouping (see kernels_avx2.c).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +31,11 @@ L1_BYTES = 32 * 1024
 
 
 NATIVE_LANES = 32
-"""Tokens per tile of the native kernels on large inputs (`native.WIDE_LANES`): the tile
-width `to_row_panels` sizes its default panels for."""
+"""Tokens per tile of the native AVX2 kernels on large inputs (`native.WIDE_LANES`): the
+tile width `to_row_panels` sizes its default panels for."""
+
+NATIVE_LANES_AVX512 = 64
+"""Tokens per tile of the native AVX-512 kernels on large inputs (`native.WIDE_LANES_AVX512`)."""
 
 MIN_RUN = 16
 """Entries per row and panel below which a sparse row's fixed costs (partial sums, loop
@@ -165,12 +170,27 @@ class RowPanels:
         """Number of stored (non-zero) weights."""
         return int(self.values.size)
 
+    @functools.cached_property
+    def addresses(self) -> tuple[int, int, int, int]:
+        """(ptr, n_panels, indices, values) as the native kernels take them: asking numpy
+        for an array's address costs ~2 us, four times per matrix and kernel call."""
+        return (self.ptr.ctypes.data, self.ptr.shape[0], self.indices.ctypes.data,
+                self.values.ctypes.data)  # fmt: skip
+
+    def __getstate__(self) -> dict:
+        # copies and pickles get new arrays: never carry the addresses of the old ones
+        state = dict(self.__dict__)
+        state.pop("addresses", None)
+        return state
+
 
 def to_row_panels(weight: np.ndarray, panel: int | None = None) -> RowPanels:
     """Convert a dense (out, in) float32 matrix whose zeros are the pruned weights.
 
     panel: input features per panel; default `default_panel` for `NATIVE_LANES`-token tiles
-    at this matrix's density."""
+    at this matrix's density. The AVX-512 kernels read the same panels with 64-token tiles:
+    on Ice Lake (48 KiB L1) 192-feature panels ran as fast as 96 or 128 there (the buffer
+    then spills to L2, but each row has half the loop exits and partial sums)."""
     weight = as_weight_matrix(weight)
     n_out, n_in = weight.shape
     rows, cols = np.nonzero(weight)  # row-major, columns ascending within a row

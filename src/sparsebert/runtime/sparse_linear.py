@@ -71,8 +71,9 @@ def as_matrix(x: torch.Tensor, n_in: int, what: str) -> torch.Tensor:
 
 
 def run_spmm(x2: torch.Tensor, linear: SparseLinear, act: int, out: torch.Tensor) -> None:
-    """``out = act(x2 @ W.T + b)`` on torch's thread count: the native AVX2 kernel when it is
-    available and there are enough token tiles for every thread, else the numba kernel."""
+    """``out = act(x2 @ W.T + b)`` on torch's thread count: the native kernel (AVX-512 or
+    AVX2) when it is available and there are enough token tiles for every thread, else the
+    numba kernel."""
     if x2.shape[0] == 0:
         return
     threads = sync_threads()
@@ -115,10 +116,10 @@ class SparseLinear(nn.Module):
 
     The weight is kept in two layouts: `GroupedSparse` for the numba kernels (always: they
     also serve inputs too small to give every thread a token tile) and `RowPanels` for the
-    native AVX2 kernels when those are built. Inference only: the weight is a converted copy
-    (no parameters, no gradients), and the forward pass refuses to run while autograd is
-    recording. Any leading batch dimensions are kept, (..., in) -> (..., out); batch 1,
-    empty rows and fully dense rows all work.
+    native kernels (AVX2 and AVX-512 read it alike) when those are built. Inference only: the
+    weight is a converted copy (no parameters, no gradients), and the forward pass refuses to
+    run while autograd is recording. Any leading batch dimensions are kept, (..., in) ->
+    (..., out); batch 1, empty rows and fully dense rows all work.
     """
 
     def __init__(

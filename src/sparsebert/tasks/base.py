@@ -177,6 +177,7 @@ TASKS: Registry[Task] = Registry(
         "sparsebert.tasks.mlm",
         "sparsebert.tasks.chemprot",
         "sparsebert.tasks.pubmedqa",
+        "sparsebert.tasks.robust",
     ],
 )
 

@@ -147,13 +147,26 @@ def _task_dir(task: GlueTask, data_dir: str) -> str:
     )
 
 
-def _read_rows(path: str, headerless: tuple[str, ...] | None) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        rows = [r for r in reader if r]
+Rows = list[tuple[int, list[str]]]
+
+
+def _read_rows(path: str, headerless: tuple[str, ...] | None) -> tuple[list[str], Rows]:
+    """The header and the (line number, cells) of every non-empty row; every row must have a
+    cell for every column (a trailing empty one aside)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            rows = [(i + 1, r) for i, r in enumerate(reader) if r]
+    except UnicodeDecodeError as err:
+        with open(path, "rb") as f:
+            line = f.read()[: err.start].count(b"\n") + 1
+        raise SparseBertError(
+            f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start}); "
+            "re-save the file as UTF-8"
+        ) from None
     if not rows:
         raise SparseBertError(f"data file '{path}' is empty")
-    first = [c.strip() for c in rows[0]]
+    first = [c.strip() for c in rows[0][1]]
     has_header = any(c in _LABEL or c in _TEXT_A for c in first)
     if has_header:
         header, body = first, rows[1:]
@@ -164,7 +177,15 @@ def _read_rows(path: str, headerless: tuple[str, ...] | None) -> list[dict[str, 
             f"data file '{path}' has no header row naming its columns; expected e.g. "
             f"'sentence<TAB>label' or 'sentence1<TAB>sentence2<TAB>label'"
         )
-    return [dict(zip(header, r, strict=False)) for r in body if len(r) >= len(header) - 1]
+    if not body:
+        raise SparseBertError(f"data file '{path}' has a header ({', '.join(header)}) but no rows")
+    for line, r in body:
+        if len(r) < len(header) - 1:
+            raise SparseBertError(
+                f"{path}, line {line}: {len(r)} tab-separated cells, the header names {len(header)} "
+                f"({', '.join(header)}); fix the row (a tab inside a text breaks it)"
+            )
+    return header, body
 
 
 def _pick(columns: list[str], candidates: tuple[str, ...], exclude: str | None = None) -> str | None:
@@ -174,47 +195,72 @@ def _pick(columns: list[str], candidates: tuple[str, ...], exclude: str | None =
     return None
 
 
-def _label_id(task: GlueTask, raw: str, path: str) -> float | int:
+STSB_RANGE = (0.0, 5.0)
+
+
+def _label_id(task: GlueTask, raw: str, where: str) -> float | int:
     raw = raw.strip()
     if task.is_regression:
-        return float(raw)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SparseBertError(f"{where}: label '{raw}' is not a number ({task.name} scores)") from None
+        lo, hi = STSB_RANGE
+        if not lo <= value <= hi:
+            raise SparseBertError(f"{where}: score {value:g} is outside {task.name}'s range [{lo:g}, {hi:g}]")
+        return value
     if raw in task.labels:
         return task.labels.index(raw)
     try:
         value = int(raw)
     except ValueError:
         raise SparseBertError(
-            f"{path}: label '{raw}' is not one of {task.name}'s labels {list(task.labels)}"
+            f"{where}: label '{raw}' is not one of {task.name}'s labels {list(task.labels)}"
         ) from None
     if not 0 <= value < task.num_labels:
-        raise SparseBertError(f"{path}: label {value} out of range for {task.name}")
+        raise SparseBertError(
+            f"{where}: label {value} out of range for {task.name} (0..{task.num_labels - 1})"
+        )
     return value
 
 
+NO_CONSENSUS = "-"
+"""MNLI's gold label for pairs whose annotators did not agree: GLUE leaves them out."""
+
+
 def read_glue_file(task: GlueTask, path: str) -> dict[str, list]:
-    """Read one GLUE-format file into columns ``text_a`` [, ``text_b``], ``label``."""
-    rows = _read_rows(path, task.headerless_columns)
-    columns = list(rows[0].keys()) if rows else []
-    a = _pick(columns, ("sentence",) if not task.pair else _TEXT_A)
-    b = _pick(columns, _TEXT_B, exclude=a) if task.pair else None
-    y = _pick(columns, _LABEL)
+    """Read one GLUE-format file into columns ``text_a`` [, ``text_b``], ``label``.
+
+    Every row needs a label: an empty one is an error naming the line (only MNLI's
+    no-consensus ``-`` is left out, as GLUE does)."""
+    header, body = _read_rows(path, task.headerless_columns)
+    a = _pick(header, ("sentence",) if not task.pair else _TEXT_A)
+    b = _pick(header, _TEXT_B, exclude=a) if task.pair else None
+    y = _pick(header, _LABEL)
     expected = "text column(s) and a label column"
     for role, col in (("first text", a), ("second text", b if task.pair else "-"), ("label", y)):
         if col is None:
             raise SparseBertError(
-                f"data file '{path}' has no {role} column for {task.name} (columns: {columns}); "
+                f"data file '{path}' has no {role} column for {task.name} (columns: {header}); "
                 f"a GLUE-format file needs {expected}"
             )
     out: dict[str, list] = {"text_a": [], "label": []}
     if task.pair:
         out["text_b"] = []
-    for r in rows:
-        if r.get(y) in (None, "", "-"):
-            continue  # unlabelled rows (e.g. MNLI's no-consensus '-')
+    for line, cells in body:
+        r = dict(zip(header, cells, strict=False))
+        raw = (r.get(y) or "").strip()
+        if raw == NO_CONSENSUS and task.name == "mnli":
+            continue
+        if not raw:
+            raise SparseBertError(
+                f"{path}, line {line}: empty {y} for a labelled {task.name} split; fill it in or remove "
+                "the row"
+            )
         out["text_a"].append(r[a].strip())
         if task.pair:
             out["text_b"].append((r.get(b) or "").strip())
-        out["label"].append(_label_id(task, r[y], path))
+        out["label"].append(_label_id(task, raw, f"{path}, line {line}"))
     return out
 
 

@@ -1,0 +1,633 @@
+/* The native kernels with AVX-512 (F, BW, DQ, VL) + FMA: the zmm twins of kernels_avx2.c,
+ * with the same C signatures: the sparse products (`sb_spmm`, the fused feed-forward block
+ * `sb_ffn`), encoder attention (`sb_attention`, head widths a multiple of 16) and the residual
+ * add + LayerNorm (`sb_add_layernorm`).
+ *
+ * Weight layout: sparse_format.RowPanels, exactly as the AVX2 kernels read it, same panels
+ * (input features cut into panels; within a panel one run of (uint16 index, fp32 value)
+ * entries per output row, rows in natural order, no padding).
+ *
+ * Algorithm: as in kernels_avx2.c, a tile of 16, 32 or 64 tokens is transposed into
+ * buf[feature][lane]; then, panel by panel, every output row accumulates w * buf[k] over its
+ * entries (partial sums kept per row between panels) and the last panel's epilogue applies
+ * the activation; the tile's output is transposed back.
+ *
+ * What changes with zmm registers: a row of a 64-token tile is 4 registers (of a 32-token
+ * tile 2, of a 16-token tile 1), so every index and weight read, offset computation, loop
+ * iteration and row epilogue serves twice the token lanes of the AVX2 kernel. What does not:
+ * the bytes of activations loaded per weight and token. On the Ice Lake Xeon this was written
+ * on, the L1 delivers 64 bytes per cycle either way (one zmm load or two ymm loads per
+ * cycle, measured), and a sparse x dense product loads one activation vector per weight, so
+ * the gain is what the AVX2 kernel spends around its loads: ~5-7 cycles per entry of a
+ * 64-token tile against ~10-14 for two 32-token AVX2 tiles (1.5-2x). Four entries are read at
+ * a time as in the AVX2 kernel (one 64-bit load for four indices, one 128-bit broadcast load
+ * for four weights, spread by in-register permutes); an index becomes a byte offset into buf
+ * with one shift and one mask. Accumulator sets: entries alternate between sets so that 8
+ * FMA chains hide the FMA latency (64 tokens: 2 sets x 4 registers; 32: 4 x 2); 16-token
+ * tiles (4 x 1) only serve inputs of few tokens. Measured and not kept: a masked block for
+ * the last 0-3 entries of a row, and visiting rows sorted by run length (fewer mispredicted
+ * loop exits): no faster.
+ *
+ * Threads: OpenMP (the libgomp torch has loaded), work handed out dynamically. Built on first
+ * use by sparsebert.runtime.native (cc -O3 -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma
+ * -fopenmp), only on CPUs that report these flags.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <stdlib.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* buf[k][lane] = x[t0 + lane][k] for a tile of `lanes` (16, 32 or 64) tokens; lanes past
+ * the last token are zero. Full groups of 8 tokens go 16 features at a time (two 8x8
+ * register transposes that read each token's 64-byte line whole); the feature tail and the
+ * lanes of a partial tile element by element. */
+static void pack(const float *x, int64_t n_in, int64_t t0, int64_t nt, float *buf, int64_t lanes) {
+    const int64_t full = nt / 8 * 8;
+    for (int64_t h = 0; h < full; h += 8) {
+        int64_t k0 = 0;
+        for (; k0 + 16 <= n_in; k0 += 16) {
+            __m256 r[8], s[8];
+            for (int i = 0; i < 8; i++) {
+                const float *row = x + (t0 + h + i) * n_in + k0;
+                r[i] = _mm256_loadu_ps(row);
+                s[i] = _mm256_loadu_ps(row + 8);
+            }
+            transpose8(r);
+            transpose8(s);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(buf + (k0 + i) * lanes + h, r[i]);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(buf + (k0 + 8 + i) * lanes + h, s[i]);
+        }
+        for (; k0 + 8 <= n_in; k0 += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(x + (t0 + h + i) * n_in + k0);
+            transpose8(r);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(buf + (k0 + i) * lanes + h, r[i]);
+        }
+        for (; k0 < n_in; k0++)
+            for (int i = 0; i < 8; i++) buf[k0 * lanes + h + i] = x[(t0 + h + i) * n_in + k0];
+    }
+    if (full < lanes)
+        for (int64_t k = 0; k < n_in; k++)
+            for (int64_t i = full; i < lanes; i++) buf[k * lanes + i] = i < nt ? x[(t0 + i) * n_in + k] : 0.0f;
+}
+
+/* out[t0 + lane][o] = obuf[o][lane] for the tile's real tokens: full groups of 8 tokens go
+ * 16 outputs at a time, so each token's 64-byte line is written whole. With `stream` (an
+ * output far larger than L2, 64-byte aligned rows), those lines bypass the caches: a
+ * regular store first reads each line from memory (~9 GB/s per core here) only to
+ * overwrite it, while streaming stores go at twice that. */
+static void unpack(const float *obuf, int64_t n_out, float *out, int64_t t0, int64_t nt, int64_t lanes,
+                   int stream) {
+    const int64_t full = nt / 8 * 8;
+    for (int64_t h = 0; h < full; h += 8) {
+        int64_t o0 = 0;
+        for (; o0 + 16 <= n_out; o0 += 16) {
+            __m256 r[8], s[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(obuf + (o0 + i) * lanes + h);
+            for (int i = 0; i < 8; i++) s[i] = _mm256_loadu_ps(obuf + (o0 + 8 + i) * lanes + h);
+            transpose8(r);
+            transpose8(s);
+            if (stream) {
+                for (int i = 0; i < 8; i++) {
+                    float *row = out + (t0 + h + i) * n_out + o0;
+                    _mm512_stream_ps(row, _mm512_insertf32x8(_mm512_castps256_ps512(r[i]), s[i], 1));
+                }
+            } else {
+                for (int i = 0; i < 8; i++) {
+                    float *row = out + (t0 + h + i) * n_out + o0;
+                    _mm256_storeu_ps(row, r[i]);
+                    _mm256_storeu_ps(row + 8, s[i]);
+                }
+            }
+        }
+        for (; o0 + 8 <= n_out; o0 += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(obuf + (o0 + i) * lanes + h);
+            transpose8(r);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + (t0 + h + i) * n_out + o0, r[i]);
+        }
+        for (; o0 < n_out; o0++)
+            for (int i = 0; i < 8; i++) out[(t0 + h + i) * n_out + o0] = obuf[o0 * lanes + h + i];
+    }
+    for (int64_t i = full; i < nt; i++)
+        for (int64_t o = 0; o < n_out; o++) out[(t0 + i) * n_out + o] = obuf[o * lanes + i];
+    if (stream) _mm_sfence();
+}
+
+/* Stream an output of n_tok x n_out floats? Only when it is far larger than L2 (the next op
+ * reads it from memory anyway) and every row starts on a 64-byte line. */
+static int stream_output(const float *out, int64_t n_tok, int64_t n_out) {
+    return n_tok * n_out * 4 >= ((int64_t)4 << 20) && ((uintptr_t)out % 64) == 0 && n_out % 16 == 0;
+}
+
+/* Exact GELU with the rational erf of kernels._gelu (Eigen's float erf), as gelu8 in
+ * kernels_avx2.c: p / q as p times a Newton-refined reciprocal estimate (rcp14: ~1e-8
+ * relative error after the step). */
+ALWAYS_INLINE __m512 gelu16(__m512 x) {
+    const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.7071067811865476f)),
+                                                 _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
+    const __m512 z2 = _mm512_mul_ps(z, z);
+    __m512 p = _mm512_fmadd_ps(z2, _mm512_set1_ps(-2.72614225801306e-10f), _mm512_set1_ps(2.77068142495902e-08f));
+    p = _mm512_fmadd_ps(z2, p, _mm512_set1_ps(-2.10102402082508e-06f));
+    p = _mm512_fmadd_ps(z2, p, _mm512_set1_ps(-5.69250639462346e-05f));
+    p = _mm512_fmadd_ps(z2, p, _mm512_set1_ps(-7.34990630326855e-04f));
+    p = _mm512_fmadd_ps(z2, p, _mm512_set1_ps(-2.95459980854025e-03f));
+    p = _mm512_fmadd_ps(z2, p, _mm512_set1_ps(-1.60960333262415e-02f));
+    p = _mm512_mul_ps(z, p);
+    __m512 q = _mm512_fmadd_ps(z2, _mm512_set1_ps(-1.45660718464996e-05f), _mm512_set1_ps(-2.13374055278905e-04f));
+    q = _mm512_fmadd_ps(z2, q, _mm512_set1_ps(-1.68282697438203e-03f));
+    q = _mm512_fmadd_ps(z2, q, _mm512_set1_ps(-7.37332916720468e-03f));
+    q = _mm512_fmadd_ps(z2, q, _mm512_set1_ps(-1.42647390514189e-02f));
+    const __m512 r0 = _mm512_rcp14_ps(q);
+    const __m512 r1 = _mm512_mul_ps(r0, _mm512_fnmadd_ps(q, r0, _mm512_set1_ps(2.0f)));
+    const __m512 erf = _mm512_mul_ps(p, r1);
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
+/* Byte offset into buf of slot S of four packed uint16 indices q, for rows of 2^SH bytes
+ * (the tile's lanes x 4): one shift and one mask instead of shift, zero-extend and scale. */
+#define BYTE_OFFSET(Q, S, SH)                                                                     \
+    ((16 * (S) >= (SH) ? ((Q) >> (16 * (S) - (SH))) : ((Q) << ((SH) - 16 * (S)))) & (0xffffull << (SH)))
+
+/* Every output row of the tile in buf (LANES = 16 NV tokens):
+ * dst[r][lane] = act(sum_k W[r][k] buf[k][lane] + b[r]); part holds partial sums between
+ * panels (it may be dst). Entry 4i + s of a row goes to accumulator set s % SETS; SH is
+ * log2 of a buf row's bytes. A macro so that every specialisation declares its accumulators
+ * with constant sizes (GCC keeps them in registers; a variable-length array went through
+ * the stack at every row). The asm barrier keeps an entry's address in one register, so its
+ * NV loads use base + displacement addressing: an indexed address would split every FMA
+ * with a memory operand into two micro-ops on Intel cores. */
+#define DEF_ROWS(NAME, NV, SETS, SH)                                                              \
+    static void NAME(const float *buf, const uint64_t *ptr, int64_t n_panels, int64_t n_rows,        \
+                     const uint16_t *idx, const float *val, const float *bias, int act, float *dst,  \
+                     float *part) {                                                                  \
+        const char *bb = (const char *)buf;                                                         \
+        for (int64_t p = 0; p < n_panels; p++) {                                                     \
+            const uint64_t *pp = ptr + p * (n_rows + 1);                                             \
+            const int last = p == n_panels - 1;                                                      \
+            for (int64_t r = 0; r < n_rows; r++) {                                                   \
+                float *pr = part + r * 16 * NV;                                                      \
+                __m512 acc[SETS][NV];                                                                \
+                _Pragma("GCC unroll 16") for (int s = 1; s < SETS; s++)                              \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++) acc[s][c] = _mm512_setzero_ps(); \
+                if (p == 0) {                                                                        \
+                    const __m512 b = _mm512_set1_ps(bias[r]);                                        \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++) acc[0][c] = b;             \
+                } else {                                                                             \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++) acc[0][c] = _mm512_loadu_ps(pr + 16 * c); \
+                }                                                                                    \
+                uint64_t j = pp[r];                                                                  \
+                const uint64_t end = pp[r + 1];                                                      \
+                for (; j + 4 <= end; j += 4) {                                                       \
+                    uint64_t q;                                                                      \
+                    memcpy(&q, idx + j, 8);                                                          \
+                    const __m512 w4 = _mm512_broadcast_f32x4(_mm_loadu_ps(val + j));                 \
+                    _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++) {                            \
+                        const char *xk = bb + BYTE_OFFSET(q, s, SH);                                 \
+                        __asm__("" : "+r"(xk));                                                      \
+                        const __m512 w = _mm512_permute_ps(w4, 0x55 * s);                            \
+                        _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++)                        \
+                            acc[s % SETS][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps((const float *)xk + 16 * c), acc[s % SETS][c]); \
+                    }                                                                                \
+                }                                                                                    \
+                for (; j < end; j++) { /* the last 0-3 entries (a masked block was no faster) */  \
+                    const __m512 w = _mm512_set1_ps(val[j]);                                         \
+                    const float *xk = buf + (int64_t)idx[j] * 16 * NV;                               \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++)                            \
+                        acc[0][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xk + 16 * c), acc[0][c]);     \
+                }                                                                                    \
+                _Pragma("GCC unroll 16") for (int s = 1; s < SETS; s++)                              \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++) acc[0][c] = _mm512_add_ps(acc[0][c], acc[s][c]); \
+                if (last) {                                                                          \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++)                            \
+                        _mm512_storeu_ps(dst + r * 16 * NV + 16 * c, act ? gelu16(acc[0][c]) : acc[0][c]); \
+                } else {                                                                             \
+                    _Pragma("GCC unroll 16") for (int c = 0; c < NV; c++) _mm512_storeu_ps(pr + 16 * c, acc[0][c]); \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+/* 16 lanes: 1 register per row, 4 sets (rows of a 16-token tile only run for inputs of few
+ * tokens); 32 lanes: 2 registers x 4 sets; 64: 4 x 2 (8 chains each). */
+DEF_ROWS(rows16, 1, 4, 6)
+DEF_ROWS(rows32, 2, 4, 7)
+DEF_ROWS(rows64, 4, 2, 8)
+
+static void run_rows(const float *buf, const uint64_t *ptr, int64_t n_panels, int64_t n_rows,
+                     const uint16_t *idx, const float *val, const float *bias, int act, float *dst,
+                     float *part, int64_t lanes) {
+    if (lanes == 64)
+        rows64(buf, ptr, n_panels, n_rows, idx, val, bias, act, dst, part);
+    else if (lanes == 32)
+        rows32(buf, ptr, n_panels, n_rows, idx, val, bias, act, dst, part);
+    else
+        rows16(buf, ptr, n_panels, n_rows, idx, val, bias, act, dst, part);
+}
+
+static float *scratch(int64_t floats) {
+    /* 64-byte aligned, rounded up to whole lines (aligned_alloc wants a multiple). */
+    int64_t bytes = ((floats * 4 + 63) / 64) * 64;
+    return (float *)aligned_alloc(64, bytes > 0 ? bytes : 64);
+}
+
+/* o = LayerNorm(x + r) * gamma + beta for one row of n_cols floats; o may be x. Masked
+ * loads and stores take the tail of a row whose width is not a multiple of 16. */
+static void add_norm_row(const float *xr, const float *rr, const float *gamma, const float *beta,
+                         float eps, float *o, int64_t n_cols) {
+    const int64_t nv = n_cols / 16 * 16;
+    const __mmask16 tm = (__mmask16)((1u << (n_cols - nv)) - 1u);
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nv; c += 16) {
+        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(xr + c), _mm512_loadu_ps(rr + c));
+        _mm512_storeu_ps(o + c, v);
+        s = _mm512_add_ps(s, v);
+    }
+    if (tm) {
+        const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(tm, xr + nv), _mm512_maskz_loadu_ps(tm, rr + nv));
+        _mm512_mask_storeu_ps(o + nv, tm, v);
+        s = _mm512_add_ps(s, v);
+    }
+    const float mean = _mm512_reduce_add_ps(s) / (float)n_cols;
+    const __m512 mv = _mm512_set1_ps(mean);
+    __m512 q = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nv; c += 16) {
+        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(o + c), mv);
+        q = _mm512_fmadd_ps(d, d, q);
+    }
+    if (tm) {
+        const __m512 d = _mm512_maskz_sub_ps(tm, _mm512_maskz_loadu_ps(tm, o + nv), mv);
+        q = _mm512_fmadd_ps(d, d, q);
+    }
+    const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(q) / (float)n_cols + eps);
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int64_t c = 0; c < nv; c += 16) {
+        const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(o + c), mv), iv);
+        _mm512_storeu_ps(o + c, _mm512_fmadd_ps(n, _mm512_loadu_ps(gamma + c), _mm512_loadu_ps(beta + c)));
+    }
+    if (tm) {
+        const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tm, o + nv), mv), iv);
+        _mm512_mask_storeu_ps(o + nv, tm, _mm512_fmadd_ps(n, _mm512_maskz_loadu_ps(tm, gamma + nv),
+                                                          _mm512_maskz_loadu_ps(tm, beta + nv)));
+    }
+}
+
+static int lanes_ok(int64_t lanes) { return lanes == 16 || lanes == 32 || lanes == 64; }
+
+/* out = act(x @ W.T + b), optionally followed by LayerNorm(out + residual) * gamma + beta
+ * per token: as sb_spmm in kernels_avx2.c, with 16-, 32- or 64-token tiles. Returns 0, -1 if
+ * out of memory, -2 for an unsupported tile width. */
+int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, int64_t n_panels,
+            const uint16_t *idx, const float *val, const float *bias, int act, float *out,
+            int64_t n_out, int threads, int64_t lanes, const float *residual, const float *gamma,
+            const float *beta, float eps) {
+    if (!lanes_ok(lanes)) return -2;
+    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
+    const int workers = (int)(threads < n_tiles ? threads : n_tiles);
+    const int stream = !residual && stream_output(out, n_tok, n_out);
+    int failed = 0;
+#pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
+    {
+        float *buf = scratch(n_in * lanes), *obuf = scratch(n_out * lanes);
+        const int ok = buf && obuf;
+        failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            if (!ok) continue;
+            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
+            pack(x, n_in, t0, nt, buf, lanes);
+            run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, obuf, lanes);
+            unpack(obuf, n_out, out, t0, nt, lanes, stream);
+            if (residual)
+                for (int64_t i = t0; i < t0 + nt; i++)
+                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
+        }
+        free(buf), free(obuf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Feed-forward block out = W2 gelu(W1 x + b1) + b2 tile by tile (the hidden activations of a
+ * tile never leave the core's caches), optionally with the add & norm: as sb_ffn in
+ * kernels_avx2.c, with 16-, 32- or 64-token tiles. */
+int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
+           const uint64_t *ptr1, int64_t n_panels1, const uint16_t *idx1, const float *val1,
+           const float *bias1, int64_t n_hidden,
+           const uint64_t *ptr2, int64_t n_panels2, const uint16_t *idx2, const float *val2,
+           const float *bias2, float *out, int64_t n_out, int threads, int64_t lanes,
+           const float *residual, const float *gamma, const float *beta, float eps) {
+    if (!lanes_ok(lanes)) return -2;
+    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
+    const int workers = (int)(threads < n_tiles ? threads : n_tiles);
+    const int stream = !residual && stream_output(out, n_tok, n_out);
+    int failed = 0;
+#pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
+    {
+        float *buf = scratch(n_in * lanes), *hidden = scratch(n_hidden * lanes);
+        float *obuf = scratch(n_out * lanes);
+        const int ok = buf && hidden && obuf;
+        failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            if (!ok) continue;
+            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
+            pack(x, n_in, t0, nt, buf, lanes);
+            run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, hidden, lanes);
+            run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, obuf, lanes);
+            unpack(obuf, n_out, out, t0, nt, lanes, stream);
+            if (residual)
+                for (int64_t i = t0; i < t0 + nt; i++)
+                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
+        }
+        free(buf), free(hidden), free(obuf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Attention for encoders, zmm version of sb_attention in kernels_avx2.c (same arguments, same
+ * phases: scores of a chunk of query rows, softmax, probabilities x values, per (batch, head),
+ * with the next head's rows prefetched). What changes: 16 keys per register (keys padded to
+ * a multiple of 16), 8 x 32 register blocks of scores (16 accumulators), and blocks of up to
+ * 8 rows of probabilities x values; the head width D must be a multiple of 16 (else -2, and
+ * the caller runs the AVX2 kernel).
+ * --------------------------------------------------------------------------------------- */
+
+ALWAYS_INLINE __m512 exp16(__m512 x) {
+    /* exp for x <= 0, as exp8 in kernels_avx2.c: 2^n 2^f, f in [-0.5, 0.5], degree-5 polynomial. */
+    const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-125.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.3266970636323094e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675459936261177e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550742521882057e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727466583e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+    return _mm512_scalef_ps(p, n); /* p 2^n in one instruction (AVX2: convert, shift, add) */
+}
+
+/* Scores of R query rows (R <= 8) against 16 * NK keys (NK = 1 or 2) from key j:
+ * pr[r][j..] = q[r] . k[j..] over D, kt = k transposed (kt[d][j], row length Sk16). A macro
+ * so that each specialisation keeps its accumulators in registers (see kernels_avx2.c). */
+#define QK_BLOCK(R, NK)                                                                  \
+    do {                                                                                 \
+        __m512 acc[R][NK];                                                               \
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                             \
+            _Pragma("GCC unroll 16") for (int c = 0; c < NK; c++) acc[r][c] = _mm512_setzero_ps(); \
+        for (int64_t d = 0; d < D; d++) {                                                \
+            const float *kd = kt + d * Sk16 + j;                                         \
+            __m512 kv[NK];                                                               \
+            _Pragma("GCC unroll 16") for (int c = 0; c < NK; c++) kv[c] = _mm512_loadu_ps(kd + 16 * c); \
+            _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                       \
+                const __m512 qv = _mm512_set1_ps(q[r * qs + d]);                         \
+                _Pragma("GCC unroll 16") for (int c = 0; c < NK; c++) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]); \
+            }                                                                            \
+        }                                                                                \
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                             \
+            _Pragma("GCC unroll 16") for (int c = 0; c < NK; c++) _mm512_storeu_ps(pr + r * Sk16 + j + 16 * c, acc[r][c]); \
+    } while (0)
+
+#define DEF_QK(R)                                                                        \
+    static void qk_##R(const float *q, int64_t qs, int64_t D, const float *kt, int64_t Sk16, float *pr) { \
+        int64_t j = 0;                                                                   \
+        for (; j + 32 <= Sk16; j += 32) QK_BLOCK(R, 2);                                  \
+        if (j < Sk16) QK_BLOCK(R, 1);                                                    \
+    }
+DEF_QK(1)
+DEF_QK(2)
+DEF_QK(3)
+DEF_QK(4)
+DEF_QK(5)
+DEF_QK(6)
+DEF_QK(7)
+DEF_QK(8)
+typedef void (*qk_fn)(const float *, int64_t, int64_t, const float *, int64_t, float *);
+static const qk_fn QK_ROWS[9] = {NULL, qk_1, qk_2, qk_3, qk_4, qk_5, qk_6, qk_7, qk_8};
+#define QROWS 8 /* query rows per score block */
+
+/* p[j] = exp(scale p[j] + bias[j] - max) over the row's Sk16 scores, keys from n_k on masked
+ * (zero); returns 1 / sum, or 0 for a row masked everywhere (it becomes all zeros). */
+static float softmax_row(float *p, const float *bias, float scale, int64_t n_k, int64_t Sk16) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    const __m512 sc = _mm512_set1_ps(scale);
+    const int64_t full = n_k / 16 * 16;
+    for (int64_t j = 0; j < full; j += 16) {
+        const __m512 sv = bias ? _mm512_fmadd_ps(_mm512_loadu_ps(p + j), sc, _mm512_loadu_ps(bias + j))
+                               : _mm512_mul_ps(_mm512_loadu_ps(p + j), sc);
+        _mm512_storeu_ps(p + j, sv);
+        m = _mm512_max_ps(m, sv);
+    }
+    if (full < Sk16) { /* the last, partial vector of keys: -inf past n_k */
+        const __mmask16 km = (__mmask16)((1u << (n_k - full)) - 1u);
+        __m512 sv = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, p + full), sc);
+        if (bias) sv = _mm512_add_ps(sv, _mm512_maskz_loadu_ps(km, bias + full));
+        sv = _mm512_mask_blend_ps(km, _mm512_set1_ps(-INFINITY), sv);
+        _mm512_storeu_ps(p + full, sv);
+        m = _mm512_max_ps(m, sv);
+    }
+    const float mx = _mm512_reduce_max_ps(m);
+    if (mx == -INFINITY) {
+        for (int64_t j = 0; j < Sk16; j++) p[j] = 0.0f;
+        return 0.0f;
+    }
+    const __m512 mv = _mm512_set1_ps(mx);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    int64_t j = 0;
+    for (; j + 32 <= Sk16; j += 32) {
+        const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), mv));
+        const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j + 16), mv));
+        _mm512_storeu_ps(p + j, e0), _mm512_storeu_ps(p + j + 16, e1);
+        s0 = _mm512_add_ps(s0, e0), s1 = _mm512_add_ps(s1, e1);
+    }
+    if (j < Sk16) {
+        const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), mv));
+        _mm512_storeu_ps(p + j, e0);
+        s0 = _mm512_add_ps(s0, e0);
+    }
+    return 1.0f / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+/* out[r] = inv[r] * (p[r] @ v) for R rows (row stride ps) over S_k keys, ND vectors of 16 per
+ * output row: R * ND <= 24 accumulators, each loaded vector of v feeds R FMAs. */
+#define PV_BLOCK(R, ND)                                                                  \
+    do {                                                                                 \
+        __m512 acc[R][ND];                                                               \
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                             \
+            _Pragma("GCC unroll 16") for (int c = 0; c < ND; c++) acc[r][c] = _mm512_setzero_ps(); \
+        for (int64_t j = 0; j < S_k; j++) {                                              \
+            const float *vr = vb + j * 16 * ND;                                          \
+            __m512 vv[ND];                                                               \
+            _Pragma("GCC unroll 16") for (int c = 0; c < ND; c++) vv[c] = _mm512_loadu_ps(vr + 16 * c); \
+            _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                       \
+                const __m512 w = _mm512_set1_ps(p[r * ps + j]);                          \
+                _Pragma("GCC unroll 16") for (int c = 0; c < ND; c++) acc[r][c] = _mm512_fmadd_ps(w, vv[c], acc[r][c]); \
+            }                                                                            \
+        }                                                                                \
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                           \
+            const __m512 iv = _mm512_set1_ps(inv[r]);                                    \
+            _Pragma("GCC unroll 16") for (int c = 0; c < ND; c++) _mm512_storeu_ps(outs[r] + 16 * c, _mm512_mul_ps(acc[r][c], iv)); \
+        }                                                                                \
+    } while (0)
+
+/* Any head width (nd <= 16 vectors), one row at a time: the fallback for uncommon widths. */
+static void pv_row_any(const float *p, const float *vb, int64_t S_k, int64_t nd, float *out, float inv) {
+    __m512 acc[16];
+    for (int64_t c = 0; c < nd; c++) acc[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S_k; j++) {
+        const __m512 w = _mm512_set1_ps(p[j]);
+        for (int64_t c = 0; c < nd; c++) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vb + j * 16 * nd + 16 * c), acc[c]);
+    }
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int64_t c = 0; c < nd; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], iv));
+}
+
+/* Rows per PV block for a head width of nd vectors: R * nd <= 24, at most 8. */
+static int pv_rows_for(int64_t nd) { return nd > 24 ? 1 : (int)(24 / nd > 8 ? 8 : 24 / nd); }
+
+typedef void (*pv_fn)(const float *, int64_t, const float *, int64_t, float *const *, const float *);
+#define DEF_PV(ND, R)                                                                                  \
+    static void pv_block_##ND(const float *p, int64_t ps, const float *vb, int64_t S_k, float *const *outs, \
+                              const float *inv) { PV_BLOCK(R, ND); }                                   \
+    static void pv_one_##ND(const float *p, int64_t ps, const float *vb, int64_t S_k, float *const *outs,   \
+                            const float *inv) { PV_BLOCK(1, ND); }
+DEF_PV(1, 8)
+DEF_PV(2, 8)
+DEF_PV(3, 8)
+DEF_PV(4, 6)
+DEF_PV(6, 4)
+DEF_PV(8, 3)
+
+/* R rows of out = inv * (p @ v): R = pv_rows_for(nd) or fewer. */
+static void pv_any(const float *p, int64_t ps, const float *vb, int64_t S_k, int64_t nd,
+                   float *const *outs, const float *inv, int R) {
+    pv_fn block = NULL, one = NULL;
+    switch (nd) {
+        case 1: block = pv_block_1, one = pv_one_1; break;
+        case 2: block = pv_block_2, one = pv_one_2; break;
+        case 3: block = pv_block_3, one = pv_one_3; break;
+        case 4: block = pv_block_4, one = pv_one_4; break;
+        case 6: block = pv_block_6, one = pv_one_6; break;
+        case 8: block = pv_block_8, one = pv_one_8; break;
+        default: break;
+    }
+    if (block && R == pv_rows_for(nd)) {
+        block(p, ps, vb, S_k, outs, inv);
+        return;
+    }
+    for (int r = 0; r < R; r++) {
+        if (one)
+            one(p + r * ps, ps, vb, S_k, outs + r, inv + r);
+        else
+            pv_row_any(p + r * ps, vb, S_k, nd, outs[r], inv[r]);
+    }
+}
+
+/* Prefetch n rows of D floats, `stride` floats apart, into L2 (see kernels_avx2.c). */
+static void prefetch_rows(const float *base, int64_t stride, int64_t n, int64_t D) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t c = 0; c < D; c += 16) _mm_prefetch((const char *)(base + i * stride + c), _MM_HINT_T1);
+}
+
+int sb_attention(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t S,
+                 int64_t S_k, int64_t D, const int64_t *q_strides, const int64_t *k_strides,
+                 const int64_t *v_strides, const float *bias, int64_t bias_b, int64_t bias_i,
+                 float scale, float *out, int threads) {
+    if (D % 16 != 0 || D > 256 || S_k < 1) return -2;
+    const int64_t Sk16 = (S_k + 15) / 16 * 16; /* keys padded to whole vectors (masked scores) */
+    const int64_t nd = D / 16;
+    const int pv_rows = pv_rows_for(nd);
+    /* query rows per chunk: scores of at most ~256 KiB per thread, whole blocks of QROWS */
+    const int64_t fit = (65536 / Sk16) / QROWS * QROWS;
+    const int64_t chunk = fit < QROWS ? QROWS : (fit < S ? fit : S);
+    const int64_t per = B * H / (4 * (threads > 0 ? threads : 1));
+    const int64_t grab = per < 1 ? 1 : (per < H ? per : H);
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+    {
+        float *kt = scratch(D * Sk16);       /* k transposed: kt[d][j] */
+        float *pr = scratch(chunk * Sk16);   /* scores / probabilities of a chunk of query rows */
+        float *inv = scratch(chunk);         /* 1 / softmax sum per row of the chunk */
+        float *vl = scratch(S_k * D);        /* this head's v rows, contiguous */
+        const int ok = kt && pr && inv && vl;
+        failed |= !ok;
+#pragma omp for schedule(dynamic, grab)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!ok) continue;
+            const int64_t b = bh / H, h = bh % H;
+            const float *qs = q + b * q_strides[0] + h * q_strides[1];
+            const float *kb = k + b * k_strides[0] + h * k_strides[1];
+            const float *vs = v + b * v_strides[0] + h * v_strides[1];
+            if ((bh + 1) % grab != 0 && bh + 1 < B * H) { /* next head's rows into L2 meanwhile */
+                const int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
+                prefetch_rows(q + b1 * q_strides[0] + h1 * q_strides[1], q_strides[2], S, D);
+                prefetch_rows(k + b1 * k_strides[0] + h1 * k_strides[1], k_strides[2], S_k, D);
+                prefetch_rows(v + b1 * v_strides[0] + h1 * v_strides[1], v_strides[2], S_k, D);
+            }
+            for (int64_t j = 0; j < S_k; j++)
+                for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(vl + j * D + c, _mm512_loadu_ps(vs + j * v_strides[2] + c));
+            int64_t j0 = 0;
+            for (; j0 + 8 <= S_k; j0 += 8)
+                for (int64_t d0 = 0; d0 < D; d0 += 8) {
+                    __m256 r[8];
+                    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kb + (j0 + i) * k_strides[2] + d0);
+                    transpose8(r);
+                    for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (d0 + i) * Sk16 + j0, r[i]);
+                }
+            for (int64_t j = j0; j < Sk16; j++)
+                for (int64_t d = 0; d < D; d++) kt[d * Sk16 + j] = j < S_k ? kb[j * k_strides[2] + d] : 0.0f;
+            for (int64_t c0 = 0; c0 < S; c0 += chunk) {
+                const int64_t nc = S - c0 < chunk ? S - c0 : chunk;
+                for (int64_t i0 = 0; i0 < nc; i0 += QROWS) {
+                    const int nr = nc - i0 < QROWS ? (int)(nc - i0) : QROWS;
+                    QK_ROWS[nr](qs + (c0 + i0) * q_strides[2], q_strides[2], D, kt, Sk16, pr + i0 * Sk16);
+                }
+                for (int64_t i = 0; i < nc; i++) {
+                    const float *brow = bias ? bias + b * bias_b + (c0 + i) * bias_i : NULL;
+                    inv[i] = softmax_row(pr + i * Sk16, brow, scale, S_k, Sk16);
+                }
+                for (int64_t i0 = 0; i0 < nc; i0 += pv_rows) {
+                    const int n = nc - i0 < pv_rows ? (int)(nc - i0) : pv_rows;
+                    float *outs[8];
+                    for (int r = 0; r < n; r++) outs[r] = out + ((b * S + c0 + i0 + r) * H + h) * D;
+                    pv_any(pr + i0 * Sk16, Sk16, vl, S_k, nd, outs, inv + i0, n);
+                }
+            }
+        }
+        free(kt), free(pr), free(inv), free(vl);
+    }
+    return failed ? -1 : 0;
+}
+
+/* out = LayerNorm(x + residual) * gamma + beta, row by row: sb_add_layernorm of
+ * kernels_avx2.c with zmm registers (masked tails). */
+int sb_add_layernorm(const float *x, const float *residual, const float *gamma, const float *beta,
+                     float eps, float *out, int64_t n_rows, int64_t n_cols, int threads) {
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t r = 0; r < n_rows; r++)
+        add_norm_row(x + r * n_cols, residual + r * n_cols, gamma, beta, eps, out + r * n_cols, n_cols);
+    return 0;
+}
