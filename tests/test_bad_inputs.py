@@ -451,3 +451,17 @@ def test_torch_save_on_a_full_disk_names_the_problem(tiny_model_dir, tmp_path, c
     assert main(_train(ctx, ctx["sst2"])) == 2
     err = capsys.readouterr().err
     assert "is the disk full?" in err and "Traceback" not in err
+
+
+def test_the_same_command_stopped_before_its_first_checkpoint_starts_again(tiny_model_dir, tmp_path):
+    from sparsebert.preflight import RUN_FILE, prepare_output_dir
+
+    identity = {"task": "sst2", "model": "m", "recipe": "gmp"}
+    out = tmp_path / "run"
+    assert prepare_output_dir(str(out), identity, None, False) is None  # writes the identity
+    assert prepare_output_dir(str(out), identity, None, False) is None  # the same run: fine
+    from sparsebert.errors import SparseBertError
+
+    with pytest.raises(SparseBertError, match="already holds a run"):
+        prepare_output_dir(str(out), {**identity, "task": "mrpc"}, None, False)
+    assert (out / RUN_FILE).is_file()

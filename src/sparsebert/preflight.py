@@ -162,6 +162,17 @@ def check_identity(saved_in: Path, identity: dict[str, Any]) -> None:
         )
 
 
+def _same_run_started(path: Path, held: list[str], identity: dict[str, Any]) -> bool:
+    """Only this run's identity file is there (the same command, stopped before its first
+    checkpoint): starting it again replaces nothing."""
+    if held != [RUN_FILE]:
+        return False
+    try:
+        return json.loads((path / RUN_FILE).read_text()) == identity
+    except (OSError, ValueError):
+        return False
+
+
 def prepare_output_dir(
     output_dir: str, identity: dict[str, Any], resume: str | bool | None, overwrite: bool
 ) -> str | None:
@@ -190,7 +201,7 @@ def prepare_output_dir(
         if checkpoint is not None:
             check_identity(Path(checkpoint), identity)
             check_saved_files(checkpoint, "checkpoint")  # a truncated or damaged file: say so now
-    elif held:
+    elif held and not _same_run_started(path, held, identity):
         if not overwrite:
             raise SparseBertError(
                 f"output directory {path} already holds a run ({', '.join(held[:4])}"
