@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--teacher", help="only with --debias conf-reg: its teacher (finetune does not distil)")
     ft.add_argument("--unlock-mask", action="store_true",
                     help="let the zeros of an already sparse model become non-zero (default: locked)")
+    ft.add_argument("--recipe", default="finetune",
+                    help="a recipe that does not prune: finetune (default), transfer, mlm-head")
 
     pr = sub.add_parser(
         "prune", help="prune while fine-tuning with a recipe (GMP* by default)", epilog=EPILOG
@@ -231,7 +233,14 @@ def _run_training(ns: argparse.Namespace, rest: list[str]) -> int:
     overrides += implied
     if ns.command == "prune" and ns.sparsity is not None:
         overrides.append(f"sparsity={ns.sparsity}")
-    recipe = load_recipe("finetune" if ns.command == "finetune" else ns.recipe, overrides)
+    recipe = load_recipe(ns.recipe, overrides)
+    if ns.command == "finetune":
+        from sparsebert.methods.base import METHODS
+
+        if METHODS.get(recipe.method).prunes:
+            raise SparseBertError(
+                f"recipe '{ns.recipe}' prunes (method {recipe.method}): run it with `sparsebert prune`"
+            )
     data = DataOptions(ns.task, ns.data_dir, ns.max_train_samples, ns.max_eval_samples, ns.max_seq_length)
     info = train_and_prune(
         ns.model,

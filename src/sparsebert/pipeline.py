@@ -406,7 +406,8 @@ def train_run(
                               f"{last_checkpoint_hint(output_dir)}") from None
     prunes = recipe.method != "dense"
     report = sparsity_report(plain_model, recipe.targets if prunes else ["encoder-linears"])
-    command = {"dense": "finetune", "transfer": "transfer"}.get(recipe.method, "prune")
+    commands = {"dense": "finetune", "transfer": "transfer", "head-only": "head-only"}
+    command = commands.get(recipe.method, "prune")
     info: dict[str, Any] = {
         "command": command,
         "model": model_path or "embedded:all-MiniLM-L6-v2",

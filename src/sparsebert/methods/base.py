@@ -120,6 +120,7 @@ class PruningMethod:
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method", builtins=[
     "sparsebert.methods.dense",
+    "sparsebert.methods.head_only",
     "sparsebert.methods.gradual",
     "sparsebert.methods.transfer",
     "sparsebert.methods.movement",
