@@ -136,3 +136,90 @@ def test_finetune_refuses_a_pruning_recipe(tmp_path, sst2_dir, capsys):
         == 2
     )
     assert "run it with `sparsebert prune`" in capsys.readouterr().err
+
+
+def test_upstream_pruning_then_transfer_keeps_the_mask(tmp_path, tiny_mlm_dir, sst2_dir):
+    """pretrain (recipe gmp-upstream) on masked-LM text (KD from the dense MLM teacher over masked
+    positions, T = 5.5) -> a plain masked LM at exactly 90% -> finetune on SST-2: the same zeros."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sparsebert.targets import select_targets
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i} : the sea , the weather and a good film .\n" for i in range(300)))
+    text_mlm_task("mlm-upstream-text", str(text))
+    up = str(tmp_path / "up")
+    assert (
+        main(
+            [
+                "pretrain",
+                "--task",
+                "mlm-upstream-text",
+                "--model",
+                tiny_mlm_dir,
+                "--teacher",
+                tiny_mlm_dir,
+                "--output-dir",
+                up,
+                "--max-seq-length",
+                "32",
+                "--max_steps",
+                "6",
+                "--per_device_train_batch_size",
+                "8",
+                "--use_cpu",
+                "true",
+                "--save_strategy",
+                "no",
+                "--set",
+                "schedule.frequency=0.2",
+            ]
+        )
+        == 0
+    )
+    info = json.load(open(os.path.join(up, "sparsebert.json")))
+    assert info["recipe"]["distillation"]["temperature"] == 5.5 and "kd_loss" in info["loss_terms"]
+    mlm = AutoModelForMaskedLM.from_pretrained(up)
+    zeros = {
+        n.removeprefix("bert."): p.detach() == 0 for n, p in select_targets(mlm, "encoder-linears").items()
+    }
+    total = sum(z.numel() for z in zeros.values())
+    assert sum(int(z.sum()) for z in zeros.values()) == round(0.9 * total)
+    down = str(tmp_path / "down")
+    assert (
+        main(
+            [
+                "finetune",
+                "--task",
+                "sst2",
+                "--data-dir",
+                sst2_dir,
+                "--model",
+                up,
+                "--output-dir",
+                down,
+                "--max_steps",
+                "3",
+                "--learning_rate",
+                "1e-2",
+                "--use_cpu",
+                "true",
+                "--save_strategy",
+                "no",
+            ]
+        )
+        == 0
+    )
+    clf = AutoModelForSequenceClassification.from_pretrained(down)
+    after = {
+        n.removeprefix("bert."): p.detach() == 0 for n, p in select_targets(clf, "encoder-linears").items()
+    }
+    assert after.keys() == zeros.keys()
+    assert all(torch.equal(after[n], zeros[n]) for n in zeros)
+
+
+def test_pretrain_needs_a_masked_lm_task(tmp_path, sst2_dir, capsys):
+    assert (
+        main(["pretrain", "--task", "sst2", "--data-dir", sst2_dir, "--output-dir", str(tmp_path / "o")]) == 2
+    )
+    assert "pretrain trains a masked LM" in capsys.readouterr().err

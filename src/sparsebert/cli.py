@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (overrides the recipe)")
     pr.add_argument("--teacher", help="fine-tuned dense model to distil from")
 
+    pt = sub.add_parser(
+        "pretrain", help="upstream pruning: GMP* during masked-LM training (`prune` with recipe "
+        "gmp-upstream on an MLM task, e.g. --task mlm-general)", epilog=EPILOG
+    )
+    _train_options(pt)
+    pt.add_argument("--recipe", default="gmp-upstream", help="shipped recipe name or a YAML path")
+    pt.add_argument("--sparsity", type=float, help="target sparsity in [0, 1) (overrides the recipe)")
+    pt.add_argument("--teacher", help="the dense masked-LM model to distil from (masked positions, T = 5.5)")
+
     os_ = sub.add_parser("oneshot", help="prune a fine-tuned model in one shot, no training "
                          "(sparsegpt, wanda, magnitude, obert), evaluate and save it")
     os_.add_argument("model", help="a model fine-tuned on --task (local path or hub name)")
@@ -231,9 +240,17 @@ def _run_training(ns: argparse.Namespace, rest: list[str]) -> int:
 
     debias, implied = debias_from_cli(ns)
     overrides += implied
-    if ns.command == "prune" and ns.sparsity is not None:
+    if ns.command in ("prune", "pretrain") and ns.sparsity is not None:
         overrides.append(f"sparsity={ns.sparsity}")
     recipe = load_recipe(ns.recipe, overrides)
+    if ns.command == "pretrain":
+        from sparsebert.tasks import get_task
+
+        if get_task(ns.task).kind != "masked-lm":
+            raise SparseBertError(
+                f"pretrain trains a masked LM: '{ns.task}' is a {get_task(ns.task).kind} task; use a "
+                "masked-LM text task (mlm-general, mlm-pubmed; `sparsebert tasks`) or `sparsebert prune`"
+            )
     if ns.command == "finetune":
         from sparsebert.methods.base import METHODS
 
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             from sparsebert.registry import load_plugins
 
             load_plugins(ns.plugin)
-        if ns.command in ("finetune", "prune"):
+        if ns.command in ("finetune", "prune", "pretrain"):
             return _run_training(ns, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
