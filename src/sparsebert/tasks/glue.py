@@ -286,15 +286,9 @@ def _load_local(task: GlueTask, data_dir: str, split: str) -> dict[str, list]:
 
 
 def _load_hub(task: GlueTask, hub_name: str, split: str) -> dict[str, list]:
-    import datasets
+    from sparsebert.tasks.datafiles import load_hub
 
-    try:
-        ds = datasets.load_dataset(hub_name, task.name, split=task.hub_splits.get(split, split))
-    except Exception as err:  # network, unknown name, missing split
-        raise SparseBertError(
-            f"could not load {task.name} '{split}' from the hub dataset '{hub_name}': {err}. "
-            "Without internet, pass --data-dir with GLUE-format files"
-        ) from None
+    ds = load_hub(task.name, hub_name, task.hub_splits.get(split, split), config=task.name)
     cols = ds.column_names
     a = _pick(cols, ("sentence",) if not task.pair else _TEXT_A)
     b = _pick(cols, _TEXT_B, exclude=a) if task.pair else None

@@ -404,16 +404,9 @@ class FeverTask(RobustGlueTask):
 
 
 def _load_fever_hub(task: FeverTask, split: str) -> dict[str, list]:
-    import datasets
+    from sparsebert.tasks.datafiles import load_hub
 
-    hub_split = task.hub_splits.get(split, split)
-    try:
-        ds = datasets.load_dataset(FEVER_HUB, split=hub_split)
-    except Exception as err:  # network, unknown name, missing split
-        raise SparseBertError(
-            f"could not load FEVER '{split}' from the hub dataset '{FEVER_HUB}': {err}. Without "
-            "internet, pass --data-dir with fever/fever.train.jsonl and fever/fever.dev.jsonl"
-        ) from None
+    ds = load_hub(task.name, FEVER_HUB, task.hub_splits.get(split, split))
     cols = ds.column_names
     if not {"premise", "hypothesis", "fever_gold_label"} <= set(cols):
         raise SparseBertError(f"hub dataset '{FEVER_HUB}' has unexpected columns {cols}")
