@@ -33,6 +33,19 @@ class DistillationConfig:
     enabled: bool = True
     hardness: float = 1.0
     temperature: float = 2.0
+    hidden: float = 0.0  # weight of layer-wise hidden-state KD (layer_distillation), 0 = off
+    attention: float = 0.0  # weight of layer-wise attention KD, 0 = off
+
+
+@dataclass
+class BudgetConfig:
+    """How the training budget grows with the target sparsity (`budgets.py`). ``scale: none``
+    trains for what ``training`` says; ``scale: sparsity`` multiplies it by
+    log(1 - s) / log(1 - reference_sparsity), at least 1 and at most ``max_factor``."""
+
+    scale: str = "none"
+    reference_sparsity: float = 0.5
+    max_factor: float = 8.0
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr: LRConfig = field(default_factory=LRConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     training: dict[str, Any] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -85,4 +99,4 @@ def section_to_dict(section: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DistillationConfig", "LRConfig", "Recipe", "ScheduleConfig", "section_to_dict"]
+__all__ = ["BudgetConfig", "DistillationConfig", "LRConfig", "Recipe", "ScheduleConfig", "section_to_dict"]

@@ -93,6 +93,8 @@ class LossTerm:
     name = "term"
     columns: tuple[str, ...] = ()  # extra per-example columns this term reads
     needs_teacher = False
+    model_kwargs: Mapping[str, Any] = {}  # extra forward arguments (e.g. output_hidden_states)
+    needs_eager_attention = False  # attention maps: SDPA does not return them
 
     def __init__(self, weight: float = 1.0):
         self.weight = float(weight)
@@ -132,14 +134,18 @@ class Distillation(LossTerm):
         return torch.stack(terms).mean()
 
 
-LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term", builtins=["sparsebert.debias"])
+LOSS_TERMS: Registry[type[LossTerm]] = Registry(
+    "loss term", builtins=["sparsebert.debias", "sparsebert.layer_distillation"]
+)
 LOSS_TERMS.register("task", TaskLoss)
 LOSS_TERMS.register("kd", Distillation)
 
 
-def distillation_terms(hardness: float, temperature: float, with_teacher: bool) -> list[LossTerm]:
+def distillation_terms(hardness: float, temperature: float, with_teacher: bool,
+                       hidden: float = 0.0, attention: float = 0.0) -> list[LossTerm]:
     """Task loss and KD as the recipe's distillation section mixes them:
-    (1 - h) task + h KD with a teacher, the task loss alone without."""
+    (1 - h) task + h KD with a teacher, the task loss alone without; plus the layer-wise
+    terms (`layer_distillation`) with weights ``hidden`` and ``attention`` when > 0."""
     if not with_teacher:
         return [TaskLoss()]
     terms: list[LossTerm] = []
@@ -147,6 +153,10 @@ def distillation_terms(hardness: float, temperature: float, with_teacher: bool) 
         terms.append(TaskLoss(1.0 - hardness))
     if hardness > 0.0:
         terms.append(Distillation(hardness, temperature))
+    if hidden > 0.0:
+        terms.append(LOSS_TERMS.get("hidden-kd")(hidden))
+    if attention > 0.0:
+        terms.append(LOSS_TERMS.get("attention-kd")(attention))
     return terms
 
 

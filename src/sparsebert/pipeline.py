@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsebert.budgets import scale_training
 from sparsebert.config import Recipe
 from sparsebert.errors import SparseBertError
 from sparsebert.losses import LossTerm, distillation_terms
@@ -94,10 +95,14 @@ class TrainRun:
 
 
 def build_training_args(output_dir: str, recipe: Recipe, explicit: dict[str, Any] | None = None):
-    """TrainingArguments from our defaults <- recipe.training <- explicit (CLI) values."""
+    """TrainingArguments from our defaults <- recipe.training <- explicit (CLI) values, the
+    budget then scaled with the target sparsity when the recipe says so (`budgets.py`)."""
     from transformers import TrainingArguments
 
     kwargs = {**TRAINING_DEFAULTS, **recipe.training, **(explicit or {}), "output_dir": output_dir}
+    kwargs, budget = scale_training(kwargs, recipe)
+    if budget is not None:
+        logger.info("budget scaled with the target sparsity: x%.2f (%s)", budget["factor"], budget)
     try:
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
@@ -360,7 +365,20 @@ def train_run(
                     f"{task.kind} needs the same tokens; use a teacher with the student's vocabulary"
                 )
             train_ds = add_teacher_inputs(train_ds, raw_train, task, teacher_tokenizer, data.max_seq_length)
-    terms = distillation_terms(recipe.distillation.hardness, recipe.distillation.temperature, use_kd)
+    layerwise = {"hidden": recipe.distillation.hidden, "attention": recipe.distillation.attention}
+    if any(layerwise.values()) and not use_kd:
+        raise SparseBertError(
+            "distillation.hidden / distillation.attention (layer-wise KD) need a teacher: pass "
+            "--teacher (a dense model of the same depth, e.g. the one you prune from), or set them to 0"
+        )
+    if any(layerwise.values()) and "teacher_input_ids" in train_ds.column_names:
+        raise SparseBertError(
+            "layer-wise KD (distillation.hidden / attention) compares the student's and the teacher's "
+            "layers token by token, and here the teacher reads other tokens (a prompt or another "
+            "tokenizer); use logit KD only (set them to 0)"
+        )
+    terms = distillation_terms(recipe.distillation.hardness, recipe.distillation.temperature, use_kd,
+                               **layerwise)
     terms += list(extra_loss_terms)
     debias_info = None
     if debias is not None:  # the bias_probs column, checked by hash; the debias term for the task loss
@@ -422,6 +440,8 @@ def train_run(
         "eval_sets": eval_results,
         "loss_terms": {t.name: t.weight for t in trainer.loss_terms},
         "debias": debias_info,
+        "budget": scale_training({**TRAINING_DEFAULTS, **recipe.training, **(training_overrides or {})},
+                                 recipe)[1],
         "method": {"name": recipe.method, **method.report()},
         "sparsity": report,
     }

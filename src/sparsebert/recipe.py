@@ -15,12 +15,13 @@ from typing import Any
 
 import yaml
 
-from sparsebert.config import DistillationConfig, LRConfig, Recipe, ScheduleConfig
+from sparsebert.config import BudgetConfig, DistillationConfig, LRConfig, Recipe, ScheduleConfig
 from sparsebert.errors import SparseBertError, check_sparsity
 
 logger = logging.getLogger("sparsebert")
 
-_SECTIONS = {"schedule": ScheduleConfig, "lr": LRConfig, "distillation": DistillationConfig}
+_SECTIONS = {"schedule": ScheduleConfig, "lr": LRConfig, "distillation": DistillationConfig,
+             "budget": BudgetConfig}
 
 
 def available_recipes() -> list[str]:
@@ -197,6 +198,12 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise SparseBertError(f"{source}: distillation.hardness must be in [0, 1]")
     if r.distillation.temperature <= 0:
         raise SparseBertError(f"{source}: distillation.temperature must be > 0")
+    for key in ("hidden", "attention"):
+        if getattr(r.distillation, key) < 0:
+            raise SparseBertError(f"{source}: distillation.{key} is a loss weight: it must be >= 0 (0 = off)")
+    from sparsebert.budgets import check_budget
+
+    check_budget(r, method, source)
     method.validate_recipe(r, source)
     return r
 

@@ -115,6 +115,20 @@ class ChecksumCallback(TrainerCallback):
             write_checksums(folder)  # last: marks the checkpoint complete
 
 
+def use_eager_attention(*models: torch.nn.Module | None) -> None:
+    """Switch models to the eager attention implementation, the one that returns attention
+    maps (SDPA computes the same attention without them)."""
+    for model in models:
+        if model is None:
+            continue
+        target = getattr(model, "mlm", model)  # a prompt classifier wraps its masked-LM model
+        setter = getattr(target, "set_attn_implementation", None)
+        if setter is None:
+            raise ValueError(f"{type(target).__name__} cannot switch to eager attention: attention KD "
+                             "needs attention maps; set distillation.attention = 0")
+        setter("eager")
+
+
 class SparseTrainer(Trainer):
     """`Trainer` + pruning methods + LR re-warming + a loss made of terms."""
 
@@ -138,6 +152,9 @@ class SparseTrainer(Trainer):
         if any(t.needs_teacher for t in terms) and teacher is None:
             raise ValueError("a loss term needs a teacher: pass teacher=")
         self.extra_columns = sorted({c for t in terms for c in t.columns})
+        self.forward_kwargs = {k: v for t in terms for k, v in t.model_kwargs.items()}
+        if any(t.needs_eager_attention for t in terms):
+            use_eager_attention(kwargs.get("model") if kwargs.get("model") is not None else args[0], teacher)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if self.methods:
             callbacks.insert(0, MethodsCallback(self.methods))
@@ -228,7 +245,7 @@ class SparseTrainer(Trainer):
             self.teacher.to(device)
         feed = teacher_inputs or {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad():
-            return self.teacher(**feed)
+            return self.teacher(**feed, **self.forward_kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Columns ``teacher_<name>`` are the teacher's own inputs (the plain encoding when the
@@ -237,10 +254,11 @@ class SparseTrainer(Trainer):
         extras = {c: inputs.pop(c) for c in self.extra_columns if c in inputs}
         teacher_inputs = {k[len(TEACHER_PREFIX):]: inputs.pop(k) for k in list(inputs)
                           if k.startswith(TEACHER_PREFIX)}
-        outputs = model(**inputs)
         if not model.training:  # evaluation: eval_loss is the task loss
+            outputs = model(**inputs)
             loss = getattr(outputs, "loss", None)
             return (loss, outputs) if return_outputs else loss
+        outputs = model(**inputs, **self.forward_kwargs)
         batch = LossBatch(outputs, inputs, extras, self.task,
                           (lambda: self._teacher_outputs(inputs, teacher_inputs)) if self.teacher else None)
         loss = None
