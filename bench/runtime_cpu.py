@@ -12,6 +12,12 @@ values.
 
     python bench/runtime_cpu.py                       # all sparsities
     python bench/runtime_cpu.py --sparsities 0.9 --append   # re-measure one, keep others
+    python bench/runtime_cpu.py --int8                # also sparse INT8 and dense INT8
+
+With ``--int8`` the sparse INT8 runtime (`sparsify_for_inference(dtype="int8")`) and the
+dense INT8 baselines (ONNX Runtime and PyTorch dynamic quantisation) are timed in the same
+interleaved runs, and the summary gets an INT8 table (the issue's goals at 90%, batch 16:
+>= 5x over the best dense fp32 runtime, >= 2x over the best dense INT8 one).
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runtimes", nargs="+", default=None,
                    help="default: torch, sparse, onnxruntime, and sparse-avx2 on AVX-512 CPUs")  # fmt: skip
+    p.add_argument("--int8", action="store_true",
+                   help="also time sparse INT8 and the dense INT8 runtimes (ONNX Runtime, "
+                        "PyTorch)")  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=ROOT / "results")
     p.add_argument("--append", action="store_true",
                    help="keep rows of other sparsities already in the JSON file")  # fmt: skip
@@ -139,6 +148,7 @@ def main() -> None:
             warmup=args.warmup,
             runtimes=runtimes,
             progress=lambda msg, s=sparsity: print(f"[{s:.0%}] {msg}", flush=True),
+            int8=args.int8,
         )
         for r in result["rows"]:
             rows.append({"sparsity": sparsity, **r})
@@ -315,7 +325,41 @@ def render_markdown(sections: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-ORDER = {"torch": 0, "onnxruntime": 1, "sparse": 2, "sparse-avx2": 3}
+ORDER = {"torch": 0, "onnxruntime": 1, "sparse": 2, "sparse-avx2": 3, "torch-int8": 4,
+         "onnxruntime-int8": 5, "sparse-int8": 6}  # fmt: skip
+
+TARGETS_INT8 = {0.9: (5.0, 2.0)}
+"""The issue's INT8 goals at batch 16 x seq 128: sparse INT8 vs the best dense fp32 runtime,
+and vs the best dense INT8 runtime."""
+
+
+def _summary_int8(data: dict) -> list[str]:
+    """One line per sparsity and batch with sparse INT8 rows: against the best dense fp32
+    and dense INT8 runtimes and the fp32 sparse runtime, and the goals."""
+    by_key = {(r["sparsity"], r["batch"], r["runtime"]): r for r in data["rows"]}
+    keys = sorted({(r["sparsity"], r["batch"]) for r in data["rows"] if r["runtime"] == "sparse-int8"})
+    if not keys:
+        return []
+    head = ["sparsity", "batch", "sparse INT8 vs best dense fp32", "vs best dense INT8",
+            "vs sparse fp32", "goal (batch 16)", "sparse kernels / rest (ms)"]  # fmt: skip
+    lines = ["### Sparse INT8", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sp, b in keys:
+        row, fp32 = by_key[(sp, b, "sparse-int8")], by_key.get((sp, b, "sparse"))
+        vs8 = row.get("speedup_vs_best_dense_int8")
+        goal = TARGETS_INT8.get(sp) if b == 16 else None
+        met = "-"
+        if goal is not None and vs8 is not None:
+            ok = row["speedup_vs_best_dense"] >= goal[0] and vs8 >= goal[1]
+            met = f">= {goal[0]:g}x / {goal[1]:g}x: " + ("met" if ok else "not met")
+        shares = data.get("sparse_time_share", {}).get(str(sp), {})
+        share = shares.get(f"{b}x{row['seq']}/sparse-int8")
+        cells = [f"{sp:.0%}", str(b), f"{row['speedup_vs_best_dense']:.2f}x",
+                 "-" if vs8 is None else f"{vs8:.2f}x",
+                 "-" if fp32 is None else f"{fp32['median_ms'] / row['median_ms']:.2f}x", met,
+                 "-" if not share else
+                 f"{share['sparse_kernels_ms']:.0f} / {share['rest_ms']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _machine_line(machine: dict, settings: dict) -> str:
@@ -359,6 +403,7 @@ def _section(data: dict) -> list[str]:
         "",
         *(_summary_isas(data) if avx512 else _summary(data)),
         "",
+        *_summary_int8(data),
         "### All runs",
         "",
         markdown_table(rows, extra=["sparsity"]),

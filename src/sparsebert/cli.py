@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(ev, train=False)
     ev.add_argument("--split", default="validation")
     ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--runtime", choices=("torch", "sparse", "sparse-int8"), default="torch",
+                    help="run the model as saved (torch), or on the sparse CPU runtime in float32 "
+                         "(sparse) or INT8 (sparse-int8): the accuracy of what you deploy")
 
     sp = sub.add_parser("sparsity", help="per-layer sparsity report of any saved model")
     sp.add_argument("model")
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--runtimes", nargs="+", default=None,
                     help="torch sparse onnxruntime deepsparse (default: all that are installed)")
     be.add_argument("--out", default="bench_results", help="folder for bench.json and bench.md")
+    be.add_argument("--int8", action="store_true",
+                    help="also the sparse INT8 runtime and the dense INT8 baselines "
+                         "(ONNX Runtime and PyTorch dynamic quantisation)")
 
     ve = sub.add_parser("verify", help="check a saved model, checkpoint or export for corruption")
     ve.add_argument("path", help="model / checkpoint / export folder (or one .safetensors file)")
@@ -201,7 +207,7 @@ def _run_bench(ns: argparse.Namespace) -> int:
 
     result = benchmark_model(resolve_model_path(ns.model), batches=ns.batches, seqs=ns.seqs,
                              threads=ns.threads, repeats=ns.repeats, runtimes=ns.runtimes,
-                             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                             progress=lambda msg: print(msg, file=sys.stderr, flush=True), int8=ns.int8)
     os.makedirs(ns.out, exist_ok=True)
     write_json(result, os.path.join(ns.out, "bench.json"))
     md = write_markdown(result, os.path.join(ns.out, "bench.md"), title=f"sparsebert bench {ns.model or ''}")
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             data = DataOptions(ns.task, ns.data_dir, None, ns.max_eval_samples, ns.max_seq_length, ns.split)
             check_data_options(data)
             check_positive("--batch-size", ns.batch_size)
-            print(json.dumps(evaluate_saved(ns.model, data, ns.batch_size), indent=2))
+            print(json.dumps(evaluate_saved(ns.model, data, ns.batch_size, ns.runtime), indent=2))
             return 0
         if ns.command == "sparsity":
             from transformers.utils import logging as hf_logging

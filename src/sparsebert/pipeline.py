@@ -467,8 +467,12 @@ def train_and_prune(*args, **kwargs) -> dict[str, Any]:
     return train_run(*args, **kwargs).info
 
 
-def evaluate_saved(model_path: str, data: DataOptions, batch_size: int = 128) -> dict[str, Any]:
-    """Evaluate a saved model on every evaluation set of a task (plain transformers loading)."""
+def evaluate_saved(
+    model_path: str, data: DataOptions, batch_size: int = 128, runtime: str = "torch"
+) -> dict[str, Any]:
+    """Evaluate a saved model on every evaluation set of a task (plain transformers loading);
+    ``runtime``: ``torch``, or the sparse CPU runtime (``sparse``, ``sparse-int8``: see
+    `sparsebert.runtime.sparsify.prepare_for_runtime`), whose accuracy is then reported."""
     import tempfile
 
     from transformers import TrainingArguments
@@ -487,16 +491,24 @@ def evaluate_saved(model_path: str, data: DataOptions, batch_size: int = 128) ->
         model = load_prompt_classifier(path, tokenizer, task)
     else:
         model = load_model(path, task, role="evaluate")
+    plain = model.mlm if prompt else model
+    sparsity = sparsity_report(plain)["target_sparsity"]  # before the runtime swaps modules
+    runtime_info: dict[str, Any] = {"runtime": "torch"}
+    if runtime != "torch":  # the sparse runtime swaps its modules in (in place)
+        from sparsebert.runtime.sparsify import prepare_for_runtime
+
+        runtime_info = prepare_for_runtime(model, runtime)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none")
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
+                                 use_cpu=runtime != "torch")
         trainer = SparseTrainer(
             model=model, args=args, processing_class=tokenizer, data_collator=task.collator(tokenizer),
             preprocess_logits_for_metrics=task.preprocess_logits, task=task,
         )
         results = evaluate_all(trainer, task, evals)
-    plain = model.mlm if prompt else model
-    return {"task": task.name, "split": data.eval_split, "metrics": next(iter(results.values()), {}),
-            "eval_sets": results, "encoder_linear_sparsity": sparsity_report(plain)["target_sparsity"]}
+    return {"task": task.name, "split": data.eval_split, "runtime": runtime_info,
+            "metrics": next(iter(results.values()), {}), "eval_sets": results,
+            "encoder_linear_sparsity": sparsity}
 
 
 __all__ = ["DataOptions", "TrainRun", "evaluate_saved", "train_and_prune", "train_run"]

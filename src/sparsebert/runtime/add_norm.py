@@ -5,7 +5,8 @@ Why: at 90% sparsity every remaining dense op counts; BERT's output blocks compu
 norm that reads it back), ~0.5 ms per block at batch 16 x 128 on 2 cores, 12 blocks per
 MiniLM. The native kernel adds, normalises and scales each row while it is in cache; when
 ``dense`` is a `SparseLinear` (the attention output) or a `SparseFFN` (the whole
-feed-forward block, which `sparsify_for_inference` places here), the sparse kernel does it
+feed-forward block, which `sparsify_for_inference` places here), or their INT8 twins, the
+sparse kernel does it
 for each token tile it has just computed, so its output never makes a trip through memory.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from sparsebert.runtime import native
 from sparsebert.runtime.fused import SparseFFN
+from sparsebert.runtime.quantized import SparseFFNInt8, SparseLinearInt8
 from sparsebert.runtime.sparse_linear import SparseLinear
 
 
@@ -32,7 +34,7 @@ class FusedAddNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         ln = self.LayerNorm
-        if isinstance(self.dense, SparseLinear | SparseFFN):  # product(s), add, norm: one pass
+        if isinstance(self.dense, SparseLinear | SparseFFN | SparseLinearInt8 | SparseFFNInt8):  # one pass
             fused = self.dense.forward_add_norm(hidden_states, input_tensor, ln)
             if fused is not None:
                 return fused

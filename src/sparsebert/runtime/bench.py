@@ -36,9 +36,16 @@ from sparsebert.errors import SparseBertError
 from sparsebert.runtime.allocator import keep_freed_memory
 
 DENSE_RUNTIMES = ("torch", "onnxruntime")
-ALL_RUNTIMES = ("torch", "sparse", "sparse-avx2", "onnxruntime", "deepsparse")
+DENSE_INT8_RUNTIMES = ("torch-int8", "onnxruntime-int8")
+"""Dense INT8 baselines: PyTorch's dynamic quantisation of the linears
+(`torch.ao.quantization.quantize_dynamic`, qint8) and ONNX Runtime's of the (fused) graph
+(`onnxruntime.quantization.quantize_dynamic`: uint8 activations, int8 weights)."""
+INT8_RUNTIMES = ("sparse-int8", *DENSE_INT8_RUNTIMES)
+"""What ``int8=True`` (``sparsebert bench --int8``) adds."""
+ALL_RUNTIMES = ("torch", "sparse", "sparse-avx2", "onnxruntime", "deepsparse", *INT8_RUNTIMES)
 """``sparse`` runs the best native kernels of the CPU (`native.isa`); ``sparse-avx2`` the
-same runtime with the AVX2 kernels forced (on an AVX-512 CPU: the two side by side)."""
+same runtime with the AVX2 kernels forced (on an AVX-512 CPU: the two side by side);
+``sparse-int8`` the sparse INT8 runtime (`sparsify_for_inference(dtype="int8")`)."""
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
               "avx512_bf16", "amx_tile")  # fmt: skip
 """CPU flags recorded with every benchmark (those that matter to the kernels, or to the
@@ -139,6 +146,31 @@ def _onnx_session(model: nn.Module, path: Path, threads: int) -> tuple[Any, str]
     return session, kind
 
 
+def _onnx_int8_session(graph: Path, threads: int) -> Any:
+    """An ONNX Runtime session on the dynamically quantised (INT8) copy of ``graph``."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = graph.with_name(graph.stem + "_int8.onnx")
+    # the fused graph's contrib ops (Attention, SkipLayerNormalization) defeat shape inference:
+    # their outputs are float32
+    quantize_dynamic(str(graph), str(target), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fmt: skip
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+
+
+def _torch_int8(model: nn.Module) -> nn.Module:
+    """PyTorch's dynamic INT8 quantisation of every `nn.Linear` (a copy)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8).eval()
+
+
 def _deepsparse_runner(onnx_path: Path, feeds: dict, threads: int) -> Callable[[], Any]:
     from deepsparse import compile_model
 
@@ -171,6 +203,7 @@ def benchmark_model(
     runtimes: Iterable[str] | None = None,
     settle_s: float = 0.05,
     progress: Callable[[str], None] | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Median latency and throughput of each runtime at each (batch, seq).
 
@@ -180,6 +213,8 @@ def benchmark_model(
         calibrated per shape), ``onnxruntime`` (dense ONNX), ``deepsparse`` (if
         installed); default `default_runtimes`.
     settle_s: idle time before each timed run, so no runtime's spinning threads linger.
+    int8: also run `INT8_RUNTIMES`: the sparse INT8 runtime and the dense INT8 baselines;
+        rows then also get speedup_vs_best_dense_int8.
     Returns ``{"rows": [...], "machine", "settings", "sparse_plans", "sparse_time_share"}``;
     each row has batch, seq, runtime, median_ms, throughput (sequences/s), dense (bool)
     and speedup_vs_best_dense (best dense median of that shape / this median). The plans
@@ -190,6 +225,8 @@ def benchmark_model(
     from sparsebert.runtime.sparsify import sparsify_for_inference
 
     runtimes = tuple(default_runtimes() if runtimes is None else runtimes)
+    if int8:
+        runtimes += tuple(r for r in INT8_RUNTIMES if r not in runtimes)
     unknown = [r for r in runtimes if r not in ALL_RUNTIMES]
     if unknown or not runtimes:
         raise SparseBertError(
@@ -214,31 +251,47 @@ def benchmark_model(
     try:
         with tempfile.TemporaryDirectory(prefix="sparsebert-bench-") as tmp:
             session = None
-            if "onnxruntime" in runtimes or "deepsparse" in runtimes:
+            if any(r in runtimes for r in ("onnxruntime", "deepsparse", "onnxruntime-int8")):
                 say("exporting ONNX")
                 session, kind = _onnx_session(model, Path(tmp) / "model.onnx", threads)
                 settings["onnxruntime_graph"] = kind
+            session_int8 = None
+            if "onnxruntime-int8" in runtimes:
+                say("quantising the ONNX graph (dynamic INT8)")
+                fused = Path(tmp) / "model_fused.onnx"
+                graph = fused if fused.exists() else Path(tmp) / "model.onnx"
+                session_int8 = _onnx_int8_session(graph, threads)
+            torch_int8 = _torch_int8(model) if "torch-int8" in runtimes else None
             for seq in seqs:
                 for batch in batches:
                     feeds = _inputs(model, batch, seq)
                     runners: dict[str, Callable[[], Any]] = {}
                     if "torch" in runtimes:
                         runners["torch"] = lambda f=feeds: model(**f)
-                    for name, isa in (("sparse", native.isa()), ("sparse-avx2", "avx2")):
+                    if torch_int8 is not None:
+                        runners["torch-int8"] = lambda f=feeds: torch_int8(**f)
+                    sparse_kinds = (("sparse", native.isa(), "float32"), ("sparse-avx2", "avx2", "float32"),
+                                    ("sparse-int8", native.isa(), "int8"))  # fmt: skip
+                    for name, isa, dtype in sparse_kinds:
                         if name not in runtimes:
                             continue
                         say(f"calibrating the {name} runtime for batch {batch} x seq {seq}")
                         sparse_model = copy.deepcopy(model)
                         with native.using_isa(isa):  # calibrated with the kernels it runs
-                            plan = sparsify_for_inference(sparse_model, sample_tokens=batch * seq)
+                            plan = sparsify_for_inference(sparse_model, sample_tokens=batch * seq,
+                                                          dtype=dtype)  # fmt: skip
                         key = f"{batch}x{seq}" if name == "sparse" else f"{batch}x{seq}/{name}"
                         plans[key] = [asdict(d) for d in plan.decisions]
                         runners[name] = _runner_with_isa(sparse_model, feeds, isa)
                         if name == "sparse":
                             timed_sparse = sparse_model
+                        if name == "sparse-int8":
+                            timed_int8 = sparse_model
+                    np_feeds = {k: v.numpy() for k, v in feeds.items()}
                     if "onnxruntime" in runtimes:
-                        np_feeds = {k: v.numpy() for k, v in feeds.items()}
                         runners["onnxruntime"] = lambda f=np_feeds: session.run(None, f)
+                    if session_int8 is not None:
+                        runners["onnxruntime-int8"] = lambda f=np_feeds: session_int8.run(None, f)
                     if "deepsparse" in runtimes:
                         path = Path(tmp) / "model.onnx"
                         runners["deepsparse"] = _deepsparse_runner(path, feeds, threads)
@@ -247,6 +300,9 @@ def benchmark_model(
                     if "sparse" in runtimes:
                         with native.using_isa(native.isa()):
                             shares[f"{batch}x{seq}"] = sparse_time_share(timed_sparse, feeds)
+                    if "sparse-int8" in runtimes:
+                        with native.using_isa(native.isa()):
+                            shares[f"{batch}x{seq}/sparse-int8"] = sparse_time_share(timed_int8, feeds)
     finally:
         torch.set_num_threads(old_threads)
     _add_ratios(rows)
@@ -281,9 +337,10 @@ def _is_sparse_unit(module: nn.Module) -> bool:
     bypassing the inner module's hooks)."""
     from sparsebert.runtime.add_norm import FusedAddNorm
     from sparsebert.runtime.fused import GroupSlice, SparseFFN
+    from sparsebert.runtime.quantized import SparseFFNInt8, SparseLinearInt8
     from sparsebert.runtime.sparse_linear import SparseLinear
 
-    sparse = (SparseLinear, GroupSlice, SparseFFN)
+    sparse = (SparseLinear, GroupSlice, SparseFFN, SparseLinearInt8, SparseFFNInt8)
     return isinstance(module, sparse) or (
         isinstance(module, FusedAddNorm) and isinstance(module.dense, sparse)
     )
@@ -380,6 +437,7 @@ def _time_shape(
                 "seq": seq,
                 "runtime": n,
                 "dense": n in DENSE_RUNTIMES,
+                "dense_int8": n in DENSE_INT8_RUNTIMES,
                 "median_ms": median_s * 1e3,
                 "min_ms": min(times[n]) * 1e3,
                 "throughput": batch / median_s,
@@ -389,13 +447,17 @@ def _time_shape(
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """speedup_vs_best_dense (best dense float32 runtime of the shape / this one), and where
+    the run has dense INT8 rows, speedup_vs_best_dense_int8."""
+    int8 = any(r.get("dense_int8") for r in rows)
     for row in rows:
-        dense = [
-            r["median_ms"]
-            for r in rows
-            if r["dense"] and (r["batch"], r["seq"]) == (row["batch"], row["seq"])
-        ]
+        shape = (row["batch"], row["seq"])
+        dense = [r["median_ms"] for r in rows if r["dense"] and (r["batch"], r["seq"]) == shape]
         row["speedup_vs_best_dense"] = (min(dense) / row["median_ms"]) if dense else None
+        if int8:
+            dense8 = [r["median_ms"] for r in rows
+                      if r.get("dense_int8") and (r["batch"], r["seq"]) == shape]  # fmt: skip
+            row["speedup_vs_best_dense_int8"] = (min(dense8) / row["median_ms"]) if dense8 else None
 
 
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -414,8 +476,10 @@ def _jsonable(value: Any) -> Any:
 
 def markdown_table(rows: Iterable[Mapping[str, Any]], extra: Iterable[str] = ()) -> str:
     """A markdown table of benchmark rows (``extra``: more row keys to show first)."""
-    extra = list(extra)
+    extra, rows = list(extra), list(rows)
+    int8 = any("speedup_vs_best_dense_int8" in r for r in rows)
     head = [*extra, "batch", "seq", "runtime", "median ms", "seq/s", "vs best dense"]
+    head += ["vs best dense int8"] if int8 else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ratio = r.get("speedup_vs_best_dense")
@@ -427,6 +491,9 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], extra: Iterable[str] = ())
             f"{r.get('throughput', r['batch'] * 1e3 / r['median_ms']):.1f}",
             "-" if ratio is None else f"{ratio:.2f}x",
         ]
+        if int8:
+            ratio8 = r.get("speedup_vs_best_dense_int8")
+            cells.append("-" if ratio8 is None else f"{ratio8:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sparsebert.runtime import kernels, native
+from sparsebert.runtime.quantized import SparseLinearInt8
 from sparsebert.runtime.sparse_linear import (
     SparseLinear,
     add_norm_operands,
@@ -41,7 +42,9 @@ class SharedInputGroup:
     cache is per thread, so concurrent callers never see each other's outputs.
     """
 
-    def __init__(self, linears: Sequence[nn.Linear], activation: str | None = None) -> None:
+    def __init__(
+        self, linears: Sequence[nn.Linear], activation: str | None = None, dtype: str = "float32"
+    ) -> None:
         if len({lin.in_features for lin in linears}) != 1:
             raise ValueError("linears of a shared-input group must have the same input size")
         weight = torch.cat([lin.weight.detach() for lin in linears])
@@ -54,7 +57,8 @@ class SharedInputGroup:
             )
         else:
             bias = None
-        self.linear = SparseLinear(weight, bias, activation=activation)
+        kind = SparseLinearInt8 if dtype == "int8" else SparseLinear  # see quantized.py
+        self.linear: SparseLinear | SparseLinearInt8 = kind(weight, bias, activation=activation)
         bounds = np.cumsum([0] + [lin.out_features for lin in linears])
         self.slices = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         # thread id -> (input, fingerprint, output, members served)

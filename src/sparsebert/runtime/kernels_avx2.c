@@ -23,32 +23,13 @@
  * Threads: OpenMP, which resolves to the libgomp torch has loaded, so torch and these
  * kernels share one thread pool. Built on first use by sparsebert.runtime.native
  * (cc -O3 -mavx2 -mfma -fopenmp).
+ *
+ * Shared with kernels_avx512.c: kernels_common.h (headers, the 8x8 transpose, scratch) and
+ * kernels_drivers.h (the tile loops behind the exported sparse products and the add & norm,
+ * fp32 and INT8); this file keeps what is AVX2: tile transposes, the rows of a matrix over a
+ * tile, GELU, attention, the LayerNorm of a row, the INT8 primitives.
  */
-#include <immintrin.h>
-#include <omp.h>
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-#include <stdlib.h>
-
-static inline void transpose8(__m256 r[8]) {
-    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
+#include "kernels_common.h"
 
 /* buf[k][lane] = x[t0 + lane][k] for a tile of `lanes` (16 or 32) tokens; lanes past the
  * last token are zero. Full tiles go 8 tokens x 16 features at a time: two 8x8 register
@@ -254,92 +235,6 @@ static void run_rows(const float *buf, const uint64_t *ptr, int64_t n_panels, in
         rows32(buf, ptr, n_panels, n_rows, idx, val, bias, act, dst, part);
     else
         rows16(buf, ptr, n_panels, n_rows, idx, val, bias, act, dst, part);
-}
-
-static float *scratch(int64_t floats) {
-    /* 64-byte aligned, rounded up to whole lines (aligned_alloc wants a multiple). */
-    int64_t bytes = ((floats * 4 + 63) / 64) * 64;
-    return (float *)aligned_alloc(64, bytes > 0 ? bytes : 64);
-}
-
-static void add_norm_row(const float *xr, const float *rr, const float *gamma, const float *beta,
-                         float eps, float *o, int64_t n_cols);
-
-/* out = act(x @ W.T + b); x: (n_tok, n_in), out: (n_tok, n_out), both row-major float32;
- * W: n_out rows of n_panels panels (ptr: n_panels x (n_out + 1) entry offsets).
- * With a residual (n_tok, n_out), each tile's output rows then become
- * LayerNorm(out + residual) * gamma + beta while still in cache: a BERT output block's
- * dense + add & norm in one pass (NULL residual: none).
- * Work: `lanes`-token tiles (16 or 32) handed out one at a time (dynamic: a thread slowed
- * by other load on a shared machine takes fewer). Returns 0, -1 if out of memory, -2 for
- * an unsupported tile width. */
-int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, int64_t n_panels,
-            const uint16_t *idx, const float *val, const float *bias, int act, float *out,
-            int64_t n_out, int threads, int64_t lanes, const float *residual, const float *gamma,
-            const float *beta, float eps) {
-    if (lanes != 16 && lanes != 32) return -2;
-    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
-    const int workers = (int)(threads < n_tiles ? threads : n_tiles);
-    int failed = 0;
-#pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
-    {
-        /* Partial sums and finished rows share one buffer: a row's partial sum is read
-         * before its result overwrites it, and the tile's footprint in L2 shrinks. */
-        float *buf = scratch(n_in * lanes), *obuf = scratch(n_out * lanes);
-        const int ok = buf && obuf;
-        failed |= !ok;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_tiles; t++) {
-            if (!ok) continue;
-            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
-            pack(x, n_in, t0, nt, buf, lanes);
-            run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, obuf, lanes);
-            unpack(obuf, n_out, out, t0, nt, lanes);
-            if (residual)
-                for (int64_t i = t0; i < t0 + nt; i++)
-                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
-        }
-        free(buf), free(obuf);
-    }
-    return failed ? -1 : 0;
-}
-
-/* Feed-forward block out = W2 gelu(W1 x + b1) + b2, tile by tile: the hidden activations of
- * a tile go from W1's epilogue straight into W2's token buffer and never reach memory.
- * With a residual, the tile's rows then become LayerNorm(out + residual) * gamma + beta
- * (as in sb_spmm): the whole BERT feed-forward sublayer in one pass. */
-int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
-           const uint64_t *ptr1, int64_t n_panels1, const uint16_t *idx1, const float *val1,
-           const float *bias1, int64_t n_hidden,
-           const uint64_t *ptr2, int64_t n_panels2, const uint16_t *idx2, const float *val2,
-           const float *bias2, float *out, int64_t n_out, int threads, int64_t lanes,
-           const float *residual, const float *gamma, const float *beta, float eps) {
-    if (lanes != 16 && lanes != 32) return -2;
-    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
-    const int workers = (int)(threads < n_tiles ? threads : n_tiles);
-    int failed = 0;
-#pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
-    {
-        /* hidden and obuf also hold their matrix's partial sums (see sb_spmm) */
-        float *buf = scratch(n_in * lanes), *hidden = scratch(n_hidden * lanes);
-        float *obuf = scratch(n_out * lanes);
-        const int ok = buf && hidden && obuf;
-        failed |= !ok;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_tiles; t++) {
-            if (!ok) continue;
-            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
-            pack(x, n_in, t0, nt, buf, lanes);
-            run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, hidden, lanes);
-            run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, obuf, lanes);
-            unpack(obuf, n_out, out, t0, nt, lanes);
-            if (residual)
-                for (int64_t i = t0; i < t0 + nt; i++)
-                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
-        }
-        free(buf), free(hidden), free(obuf);
-    }
-    return failed ? -1 : 0;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -670,12 +565,120 @@ static void add_norm_row(const float *xr, const float *rr, const float *gamma, c
     for (int64_t c = nv; c < n_cols; c++) o[c] = (o[c] - mean) * inv * gamma[c] + beta[c];
 }
 
-/* out = LayerNorm(x + residual) * gamma + beta, row by row (rows of n_cols floats). The
- * transformer block's "add & norm" in one pass over memory instead of two torch ops. */
-int sb_add_layernorm(const float *x, const float *residual, const float *gamma, const float *beta,
-                     float eps, float *out, int64_t n_rows, int64_t n_cols, int threads) {
-#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++)
-        add_norm_row(x + r * n_cols, residual + r * n_cols, gamma, beta, eps, out + r * n_cols, n_cols);
-    return 0;
+/* ---------------------------------------------------------------------------------------
+ * Sparse INT8, AVX2 primitives of kernels_drivers.h (see the INT8 section of kernels_avx512.c
+ * for the scheme): 32-token tiles, buf[k][32] int8 = q (signed: no +128 offset here, comp is
+ * not used), one dword lane per token holding the 4 features of a weight group, built by 8
+ * in-lane unpacks per group. AVX2 has no VPDPBUSD, and VPMADDUBSW (unsigned x signed byte
+ * pairs summed to int16, saturating) would saturate on 255 * 127 * 2; but with |w| as the
+ * unsigned operand and sign(w) moved onto the activations (VPSIGNB), both operands are at
+ * most 127 and a pair sum at most 32258: exact. Per 8 tokens: VPSIGNB, VPMADDUBSW, VPMADDWD
+ * (pairs to dwords), VPADDD.
+ * --------------------------------------------------------------------------------------- */
+
+#define I8_LANES 32
+#define I8_ROW_BYTES 32 /* buffer bytes per feature */
+
+/* GELU for the INT8 path (see gelu16_q in kernels_avx512.c): within 5e-5 of the exact one. */
+static inline __m256 gelu8_q(__m256 x) {
+    const __m256 u = _mm256_min_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(4.5f));
+    const __m256 t = _mm256_fmsub_ps(u, _mm256_set1_ps(1.0f / 2.25f), _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(4.582455031e-02f);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-2.111288274e-02f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.839377807e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.750285817e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(2.110028976e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-4.339797495e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(2.009967425e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.470374063e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-2.463748948e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.330496986e-01f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-2.750082308e-02f));
+    return _mm256_add_ps(_mm256_max_ps(x, _mm256_setzero_ps()), p);
 }
+
+
+static void i8_prepare(const float *fbuf, int64_t n, uint8_t *buf, float *xscale) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m[4], inv[4], nan[4];
+    for (int c = 0; c < 4; c++) m[c] = nan[c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k++)
+        for (int c = 0; c < 4; c++) {
+            const __m256 v = _mm256_loadu_ps(fbuf + k * 32 + 8 * c);
+            m[c] = _mm256_max_ps(m[c], _mm256_andnot_ps(sign, v));
+            nan[c] = _mm256_or_ps(nan[c], _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+    for (int c = 0; c < 4; c++) {
+        const __m256 nz = _mm256_cmp_ps(m[c], _mm256_setzero_ps(), _CMP_GT_OQ);
+        inv[c] = _mm256_and_ps(nz, _mm256_div_ps(_mm256_set1_ps(127.0f), m[c]));
+        /* a token with a NaN gets a NaN scale, so its outputs are NaN (as in fp32) */
+        const __m256 xs = _mm256_mul_ps(m[c], _mm256_set1_ps(1.0f / 127.0f));
+        _mm256_storeu_ps(xscale + 8 * c, _mm256_blendv_ps(xs, _mm256_set1_ps(NAN), nan[c]));
+    }
+    /* the saturating packs leave token 8j + 4L + i at position 16L + 4j + i, the order the
+     * unpacks of i8_rows undo */
+    for (int64_t k = 0; k < n; k++) {
+        __m256i q[4];
+        for (int c = 0; c < 4; c++)
+            q[c] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(fbuf + k * 32 + 8 * c), inv[c]));
+        const __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+        _mm256_storeu_si256((__m256i *)(buf + k * 32), _mm256_packs_epi16(p01, p23));
+    }
+}
+
+static void i8_rows(const uint8_t *buf, const uint64_t *ptr, int64_t n_panels, int64_t n_rows,
+                    const uint16_t *idx, const int8_t *val, const int32_t *comp, const float *wscale,
+                    const float *bias, int act, const float *xscale, float *dst, int32_t *part) {
+    const char *bb = (const char *)buf;
+    const __m256i ones = _mm256_set1_epi16(1);
+    (void)comp; /* signed activations: no offset to take back */
+    for (int64_t p = 0; p < n_panels; p++) {
+        const uint64_t *pp = ptr + p * (n_rows + 1);
+        const int last = p == n_panels - 1;
+        for (int64_t r = 0; r < n_rows; r++) {
+            int32_t *pr = part + r * 32;
+            __m256i acc[4];
+            if (p == 0) {
+                for (int c = 0; c < 4; c++) acc[c] = _mm256_setzero_si256();
+            } else {
+                for (int c = 0; c < 4; c++) acc[c] = _mm256_loadu_si256((const __m256i *)(pr + 8 * c));
+            }
+            for (uint64_t g = pp[r]; g < pp[r + 1]; g++) {
+                uint64_t q;
+                int32_t w4;
+                memcpy(&q, idx + 4 * g, 8);
+                memcpy(&w4, val + 4 * g, 4);
+                const __m256i w = _mm256_set1_epi32(w4), wa = _mm256_abs_epi8(w);
+                const __m256i a = _mm256_loadu_si256((const __m256i *)(bb + ((q << 5) & (0xffffull << 5))));
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(bb + ((q >> 11) & (0xffffull << 5))));
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(bb + ((q >> 27) & (0xffffull << 5))));
+                const __m256i d = _mm256_loadu_si256((const __m256i *)(bb + ((q >> 43) & (0xffffull << 5))));
+                const __m256i ab0 = _mm256_unpacklo_epi8(a, b), ab1 = _mm256_unpackhi_epi8(a, b);
+                const __m256i cd0 = _mm256_unpacklo_epi8(c, d), cd1 = _mm256_unpackhi_epi8(c, d);
+                __m256i v[4];
+                v[0] = _mm256_unpacklo_epi16(ab0, cd0), v[1] = _mm256_unpackhi_epi16(ab0, cd0);
+                v[2] = _mm256_unpacklo_epi16(ab1, cd1), v[3] = _mm256_unpackhi_epi16(ab1, cd1);
+                for (int j = 0; j < 4; j++) {
+                    const __m256i pairs = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(v[j], w));
+                    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            if (last) {
+                const __m256 ws = _mm256_set1_ps(wscale[r]), b = _mm256_set1_ps(bias[r]);
+                for (int c = 0; c < 4; c++) {
+                    const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xscale + 8 * c), ws);
+                    const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[c]), s, b);
+                    _mm256_storeu_ps(dst + r * 32 + 8 * c, act ? gelu8_q(y) : y);
+                }
+            } else {
+                for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i *)(pr + 8 * c), acc[c]);
+            }
+        }
+    }
+}
+
+/* What kernels_drivers.h needs besides the above: tile widths, and no streaming stores. */
+#define LANES_OK(LANES) ((LANES) == 16 || (LANES) == 32)
+#define STREAM_OUTPUT(OUT, N_TOK, N_OUT) 0
+#define UNPACK_OUT(OBUF, N_OUT, OUT, T0, NT, LANES, STREAM) ((void)(STREAM), unpack(OBUF, N_OUT, OUT, T0, NT, LANES))
+#include "kernels_drivers.h"

@@ -30,35 +30,11 @@
  *
  * Threads: OpenMP (the libgomp torch has loaded), work handed out dynamically. Built on first
  * use by sparsebert.runtime.native (cc -O3 -mavx512f -mavx512bw -mavx512dq -mavx512vl -mfma
- * -fopenmp), only on CPUs that report these flags.
+ * -fopenmp, and -mavx512vnni where the CPU has it), only on CPUs that report these flags.
+ * The tile loops and helpers shared with kernels_avx2.c are in kernels_drivers.h and
+ * kernels_common.h; this file keeps the zmm code.
  */
-#include <immintrin.h>
-#include <omp.h>
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-#include <stdlib.h>
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-ALWAYS_INLINE void transpose8(__m256 r[8]) {
-    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
+#include "kernels_common.h"
 
 /* buf[k][lane] = x[t0 + lane][k] for a tile of `lanes` (16, 32 or 64) tokens; lanes past
  * the last token are zero. Full groups of 8 tokens go 16 features at a time (two 8x8
@@ -248,12 +224,6 @@ static void run_rows(const float *buf, const uint64_t *ptr, int64_t n_panels, in
         rows16(buf, ptr, n_panels, n_rows, idx, val, bias, act, dst, part);
 }
 
-static float *scratch(int64_t floats) {
-    /* 64-byte aligned, rounded up to whole lines (aligned_alloc wants a multiple). */
-    int64_t bytes = ((floats * 4 + 63) / 64) * 64;
-    return (float *)aligned_alloc(64, bytes > 0 ? bytes : 64);
-}
-
 /* o = LayerNorm(x + r) * gamma + beta for one row of n_cols floats; o may be x. Masked
  * loads and stores take the tail of a row whose width is not a multiple of 16. */
 static void add_norm_row(const float *xr, const float *rr, const float *gamma, const float *beta,
@@ -293,78 +263,6 @@ static void add_norm_row(const float *xr, const float *rr, const float *gamma, c
         _mm512_mask_storeu_ps(o + nv, tm, _mm512_fmadd_ps(n, _mm512_maskz_loadu_ps(tm, gamma + nv),
                                                           _mm512_maskz_loadu_ps(tm, beta + nv)));
     }
-}
-
-static int lanes_ok(int64_t lanes) { return lanes == 16 || lanes == 32 || lanes == 64; }
-
-/* out = act(x @ W.T + b), optionally followed by LayerNorm(out + residual) * gamma + beta
- * per token: as sb_spmm in kernels_avx2.c, with 16-, 32- or 64-token tiles. Returns 0, -1 if
- * out of memory, -2 for an unsupported tile width. */
-int sb_spmm(const float *x, int64_t n_tok, int64_t n_in, const uint64_t *ptr, int64_t n_panels,
-            const uint16_t *idx, const float *val, const float *bias, int act, float *out,
-            int64_t n_out, int threads, int64_t lanes, const float *residual, const float *gamma,
-            const float *beta, float eps) {
-    if (!lanes_ok(lanes)) return -2;
-    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
-    const int workers = (int)(threads < n_tiles ? threads : n_tiles);
-    const int stream = !residual && stream_output(out, n_tok, n_out);
-    int failed = 0;
-#pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
-    {
-        float *buf = scratch(n_in * lanes), *obuf = scratch(n_out * lanes);
-        const int ok = buf && obuf;
-        failed |= !ok;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_tiles; t++) {
-            if (!ok) continue;
-            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
-            pack(x, n_in, t0, nt, buf, lanes);
-            run_rows(buf, ptr, n_panels, n_out, idx, val, bias, act, obuf, obuf, lanes);
-            unpack(obuf, n_out, out, t0, nt, lanes, stream);
-            if (residual)
-                for (int64_t i = t0; i < t0 + nt; i++)
-                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
-        }
-        free(buf), free(obuf);
-    }
-    return failed ? -1 : 0;
-}
-
-/* Feed-forward block out = W2 gelu(W1 x + b1) + b2 tile by tile (the hidden activations of a
- * tile never leave the core's caches), optionally with the add & norm: as sb_ffn in
- * kernels_avx2.c, with 16-, 32- or 64-token tiles. */
-int sb_ffn(const float *x, int64_t n_tok, int64_t n_in,
-           const uint64_t *ptr1, int64_t n_panels1, const uint16_t *idx1, const float *val1,
-           const float *bias1, int64_t n_hidden,
-           const uint64_t *ptr2, int64_t n_panels2, const uint16_t *idx2, const float *val2,
-           const float *bias2, float *out, int64_t n_out, int threads, int64_t lanes,
-           const float *residual, const float *gamma, const float *beta, float eps) {
-    if (!lanes_ok(lanes)) return -2;
-    const int64_t n_tiles = (n_tok + lanes - 1) / lanes;
-    const int workers = (int)(threads < n_tiles ? threads : n_tiles);
-    const int stream = !residual && stream_output(out, n_tok, n_out);
-    int failed = 0;
-#pragma omp parallel num_threads(workers > 0 ? workers : 1) reduction(| : failed)
-    {
-        float *buf = scratch(n_in * lanes), *hidden = scratch(n_hidden * lanes);
-        float *obuf = scratch(n_out * lanes);
-        const int ok = buf && hidden && obuf;
-        failed |= !ok;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_tiles; t++) {
-            if (!ok) continue;
-            const int64_t t0 = t * lanes, nt = n_tok - t0 < lanes ? n_tok - t0 : lanes;
-            pack(x, n_in, t0, nt, buf, lanes);
-            run_rows(buf, ptr1, n_panels1, n_hidden, idx1, val1, bias1, 1, hidden, hidden, lanes);
-            run_rows(hidden, ptr2, n_panels2, n_out, idx2, val2, bias2, 0, obuf, obuf, lanes);
-            unpack(obuf, n_out, out, t0, nt, lanes, stream);
-            if (residual)
-                for (int64_t i = t0; i < t0 + nt; i++)
-                    add_norm_row(out + i * n_out, residual + i * n_out, gamma, beta, eps, out + i * n_out, n_out);
-        }
-        free(buf), free(hidden), free(obuf);
-    }
-    return failed ? -1 : 0;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -622,12 +520,159 @@ int sb_attention(const float *q, const float *k, const float *v, int64_t B, int6
     return failed ? -1 : 0;
 }
 
-/* out = LayerNorm(x + residual) * gamma + beta, row by row: sb_add_layernorm of
- * kernels_avx2.c with zmm registers (masked tails). */
-int sb_add_layernorm(const float *x, const float *residual, const float *gamma, const float *beta,
-                     float eps, float *out, int64_t n_rows, int64_t n_cols, int threads) {
-#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++)
-        add_norm_row(x + r * n_cols, residual + r * n_cols, gamma, beta, eps, out + r * n_cols, n_cols);
-    return 0;
+/* ---------------------------------------------------------------------------------------
+ * Sparse INT8 (weights int8 per output row, activations int8 per token, int32 sums): the
+ * zmm primitives of kernels_drivers.h (which holds the tile loops, `sb_spmm_i8`, `sb_ffn_i8`).
+ *
+ * Token buffer: buf[k][64] uint8 = q + 128 for the 64 tokens of a tile (q in [-127, 127],
+ * the token's activations quantised by its own scale). VPDPBUSD multiplies 4 unsigned bytes
+ * by 4 signed bytes per 32-bit lane and adds the 4 products to the lane, so one dword lane is
+ * one token and its 4 bytes the activations of the 4 input features of one weight group
+ * (sparse_format.Int8RowGroups: any 4 non-zeros of a row, padded with zero weights). The
+ * dword operands are built from the 4 features' buffer rows with 8 in-lane byte/word unpacks
+ * (4 registers of 16 tokens each), so per group of 4 weights and 64 tokens: 4 loads, 8
+ * shuffles, 4 VPDPBUSD, against 16 loads and 16 FMAs for 4 fp32 weights. The shuffles (port
+ * 5 only) bound it at 8 cycles a group; measured ~8 in the FFN. Tried and dropped: a buffer
+ * with two copies of each feature as 16-bit words (value in the low / high byte), so that
+ * the byte interleave is an OR of two loads and only the 4 word unpacks remain: 25% slower
+ * (4x the buffer bytes, out of L1, or narrower panels with more padding and partial sums). The +128 offset
+ * (VPDPBUSD's first operand is unsigned) is exact: every row starts from -128 * sum(w).
+ * The unpacks work within 128-bit lanes, so register j, dword 4L + i holds buffer position
+ * 16L + 4j + i: `i8_quantize` stores token 16j + 4L + i there (a free side effect of its
+ * saturating packs), and register j then holds tokens 16j..16j+15 in order.
+ * Without AVX512-VNNI (Skylake-X), VPDPBUSD is emulated exactly: even and odd bytes widened
+ * to 16 bits, two VPMADDWD.
+ * --------------------------------------------------------------------------------------- */
+
+#define I8_LANES 64
+#define I8_ROW_BYTES 64 /* buffer bytes per feature */
+
+/* GELU for the INT8 path, whose outputs are quantised to 8 bits next: max(x, 0) + h(|x|)
+ * with h(u) = -u Phi(-u) a degree-10 polynomial in t = u / 2.25 - 1 over u in [0, 4.5]
+ * (Chebyshev fit; |h| < 3e-5 beyond): within 5e-5 of the exact GELU, 14 instructions against
+ * gelu16's 24 (the epilogue of the first feed-forward matrix is as costly as its int8 sums). */
+ALWAYS_INLINE __m512 gelu16_q(__m512 x) {
+    const __m512 u = _mm512_min_ps(_mm512_abs_ps(x), _mm512_set1_ps(4.5f));
+    const __m512 t = _mm512_fmsub_ps(u, _mm512_set1_ps(1.0f / 2.25f), _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(4.582455031e-02f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-2.111288274e-02f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.839377807e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.750285817e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(2.110028976e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-4.339797495e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(2.009967425e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.470374063e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-2.463748948e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.330496986e-01f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-2.750082308e-02f));
+    return _mm512_add_ps(_mm512_max_ps(x, _mm512_setzero_ps()), p);
 }
+
+
+/* xscale[lane] = amax / 127 over the tile's n features of fbuf[k][lane] (float, 64 lanes,
+ * natural token order); inv[c] = 127 / amax per lane (0 for an all-zero token). */
+static void i8_scales(const float *fbuf, int64_t n, float *xscale, __m512 inv[4]) {
+    __m512 m[4];
+    __mmask16 nan[4] = {0, 0, 0, 0};
+    for (int c = 0; c < 4; c++) m[c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k++)
+        for (int c = 0; c < 4; c++) {
+            const __m512 v = _mm512_loadu_ps(fbuf + k * 64 + 16 * c);
+            m[c] = _mm512_max_ps(m[c], _mm512_abs_ps(v));
+            nan[c] |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+    for (int c = 0; c < 4; c++) {
+        const __mmask16 nz = _mm512_cmp_ps_mask(m[c], _mm512_setzero_ps(), _CMP_GT_OQ);
+        inv[c] = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.0f), m[c]);
+        /* a token with a NaN gets a NaN scale, so its outputs are NaN (as in fp32) */
+        const __m512 xs = _mm512_mul_ps(m[c], _mm512_set1_ps(1.0f / 127.0f));
+        _mm512_storeu_ps(xscale + 16 * c, _mm512_mask_mov_ps(xs, nan[c], _mm512_set1_ps(NAN)));
+    }
+}
+
+/* buf[k] = the 64 quantised activations of feature k, + 128, in the order the unpacks of
+ * i8_rows need (see above): the saturating packs of 4 x 16 int32 give it directly. */
+static void i8_quantize(const float *fbuf, int64_t n, const __m512 inv[4], uint8_t *buf) {
+    const __m512i off = _mm512_set1_epi32(128);
+    for (int64_t k = 0; k < n; k++) {
+        __m512i q[4];
+        for (int c = 0; c < 4; c++)
+            q[c] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(fbuf + k * 64 + 16 * c), inv[c])), off);
+        const __m512i p01 = _mm512_packs_epi32(q[0], q[1]), p23 = _mm512_packs_epi32(q[2], q[3]);
+        _mm512_storeu_si512((void *)(buf + k * 64), _mm512_packus_epi16(p01, p23));
+    }
+}
+
+static void i8_prepare(const float *fbuf, int64_t n, uint8_t *buf, float *xscale) {
+    __m512 inv[4];
+    i8_scales(fbuf, n, xscale, inv);
+    i8_quantize(fbuf, n, inv, buf);
+}
+
+ALWAYS_INLINE __m512i dpbusd(__m512i acc, __m512i u, __m512i w) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, u, w);
+#else
+    const __m512i lo = _mm512_set1_epi16(0x00ff);
+    const __m512i we = _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 8), wo = _mm512_srai_epi16(w, 8);
+    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_and_si512(u, lo), we));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_srli_epi16(u, 8), wo));
+#endif
+}
+
+/* Every output row of the tile: dst[r][lane] = act((sum - 128 rowsum) * wscale[r] *
+ * xscale[lane] + bias[r]); part holds the int32 partial sums between panels. */
+static void i8_rows(const uint8_t *buf, const uint64_t *ptr, int64_t n_panels, int64_t n_rows,
+                    const uint16_t *idx, const int8_t *val, const int32_t *comp, const float *wscale,
+                    const float *bias, int act, const float *xscale, float *dst, int32_t *part) {
+    const char *bb = (const char *)buf;
+    for (int64_t p = 0; p < n_panels; p++) {
+        const uint64_t *pp = ptr + p * (n_rows + 1);
+        const int last = p == n_panels - 1;
+        for (int64_t r = 0; r < n_rows; r++) {
+            int32_t *pr = part + r * 64;
+            __m512i acc[4];
+            if (p == 0) {
+                for (int c = 0; c < 4; c++) acc[c] = _mm512_set1_epi32(-comp[r]);
+            } else {
+                for (int c = 0; c < 4; c++) acc[c] = _mm512_loadu_si512((const void *)(pr + 16 * c));
+            }
+            for (uint64_t g = pp[r]; g < pp[r + 1]; g++) {
+                /* four zero-extending 16-bit loads and shifts: fewer scalar micro-ops than
+                 * one 64-bit load split by shifts and masks (the scalar ports are short
+                 * here: p0 and p5 run the vector work) */
+                int32_t w4;
+                memcpy(&w4, val + 4 * g, 4);
+                const __m512i w = _mm512_set1_epi32(w4);
+                const uint16_t *ig = idx + 4 * g;
+                const __m512i a = _mm512_loadu_si512((const void *)(bb + ((uint64_t)ig[0] << 6)));
+                const __m512i b = _mm512_loadu_si512((const void *)(bb + ((uint64_t)ig[1] << 6)));
+                const __m512i c = _mm512_loadu_si512((const void *)(bb + ((uint64_t)ig[2] << 6)));
+                const __m512i d = _mm512_loadu_si512((const void *)(bb + ((uint64_t)ig[3] << 6)));
+                const __m512i ab0 = _mm512_unpacklo_epi8(a, b), ab1 = _mm512_unpackhi_epi8(a, b);
+                const __m512i cd0 = _mm512_unpacklo_epi8(c, d), cd1 = _mm512_unpackhi_epi8(c, d);
+                acc[0] = dpbusd(acc[0], _mm512_unpacklo_epi16(ab0, cd0), w);
+                acc[1] = dpbusd(acc[1], _mm512_unpackhi_epi16(ab0, cd0), w);
+                acc[2] = dpbusd(acc[2], _mm512_unpacklo_epi16(ab1, cd1), w);
+                acc[3] = dpbusd(acc[3], _mm512_unpackhi_epi16(ab1, cd1), w);
+            }
+            if (last) {
+                const __m512 ws = _mm512_set1_ps(wscale[r]), b = _mm512_set1_ps(bias[r]);
+                for (int c = 0; c < 4; c++) {
+                    const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(xscale + 16 * c), ws);
+                    const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c]), s, b);
+                    _mm512_storeu_ps(dst + r * 64 + 16 * c, act ? gelu16_q(y) : y);
+                }
+            } else {
+                for (int c = 0; c < 4; c++) _mm512_storeu_si512((void *)(pr + 16 * c), acc[c]);
+            }
+        }
+    }
+}
+
+/* What kernels_drivers.h needs besides the above: tile widths, streaming stores for outputs
+ * far larger than L2. */
+#define LANES_OK(LANES) ((LANES) == 16 || (LANES) == 32 || (LANES) == 64)
+#define STREAM_OUTPUT(OUT, N_TOK, N_OUT) stream_output(OUT, N_TOK, N_OUT)
+#define UNPACK_OUT(OBUF, N_OUT, OUT, T0, NT, LANES, STREAM) unpack(OBUF, N_OUT, OUT, T0, NT, LANES, STREAM)
+#include "kernels_drivers.h"

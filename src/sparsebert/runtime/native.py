@@ -2,9 +2,13 @@
 loaded with ctypes.
 
 What is in them, in both files with the same C signatures: the sparse products (`spmm`, the
-fused feed-forward block `ffn`), encoder attention (`attention`; the AVX-512 one for head
+fused feed-forward block `ffn`; their INT8 twins `spmm_int8`, `ffn_int8`, on
+`sparse_format.Int8RowGroups`), encoder attention (`attention`; the AVX-512 one for head
 widths that are a multiple of 16, the AVX2 one serves the others) and the residual add +
-LayerNorm of output blocks (`add_layernorm`).
+LayerNorm of output blocks (`add_layernorm`). Both include ``kernels_common.h`` and
+``kernels_drivers.h`` (the tile loops they share; `HEADERS`), so each file keeps only its
+instruction set's code. The AVX-512 library gets ``-mavx512vnni`` where the CPU has it (its
+INT8 products then use VPDPBUSD; without it, an exact emulation).
 
 Instruction sets (`isa`): on a CPU with AVX-512 (F, BW, DQ, VL; read from /proc/cpuinfo)
 the kernels of ``kernels_avx512.c`` run (zmm registers: 16 token lanes per register and
@@ -49,7 +53,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsebert.runtime.sparse_format import NATIVE_LANES, NATIVE_LANES_AVX512, RowPanels
+from sparsebert.runtime.sparse_format import (
+    NATIVE_LANES,
+    NATIVE_LANES_AVX512,
+    Int8RowGroups,
+    RowPanels,
+)
 
 logger = logging.getLogger("sparsebert")
 
@@ -61,6 +70,8 @@ FLAGS_AVX512 = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma")
 """/proc/cpuinfo flags the AVX-512 kernels need (Linux lists them only where the OS saves
 the zmm registers)."""
+HEADERS = (Path(__file__).with_name("kernels_common.h"), Path(__file__).with_name("kernels_drivers.h"))
+"""Headers both kernel sources include: part of each build's cache key."""
 
 ISAS = ("avx512", "avx2")
 WIDE_LANES = NATIVE_LANES
@@ -99,7 +110,7 @@ def cpu_has_avx512() -> bool:
 
 
 def _build(cache: Path, source_path: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
-    source = source_path.read_bytes()
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     target = cache / f"{source_path.stem}-{tag}.so"
     if target.exists():
@@ -135,10 +146,26 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sb_attention.restype = i32
     lib.sb_add_layernorm.argtypes = [p, p, p, p, f32, p, i64, i64, i32]
     lib.sb_add_layernorm.restype = i32
+    quantized = [p, i64, p, p, p, p, p]  # ptr, n_panels, idx, val, comp, scale, bias
+    lib.sb_spmm_i8.argtypes = [p, i64, i64, *quantized, i32, p, i64, i32, p, p, p, f32]
+    lib.sb_spmm_i8.restype = i32
+    lib.sb_ffn_i8.argtypes = [p, i64, i64, *quantized, i64, *quantized, p, i64, i32, p, p, p, f32]
+    lib.sb_ffn_i8.restype = i32
 
 
 def _cache() -> Path:
     return Path(os.environ.get("SPARSEBERT_CACHE") or Path.home() / ".cache" / "sparsebert")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the AVX-512 INT8 kernels get VPDPBUSD (AVX512-VNNI); without it they emulate
+    it exactly with two VPMADDWD."""
+    return "avx512_vnni" in cpu_flags()
+
+
+def avx512_build_flags() -> tuple[str, ...]:
+    """`FLAGS_AVX512`, plus ``-mavx512vnni`` on a CPU that has it."""
+    return (*FLAGS_AVX512, "-mavx512vnni") if cpu_has_vnni() else FLAGS_AVX512
 
 
 def library() -> ctypes.CDLL | None:
@@ -169,7 +196,7 @@ def library_avx512() -> ctypes.CDLL | None:
     if library() is None or not cpu_has_avx512():
         return None
     try:
-        lib = ctypes.CDLL(str(_build(_cache(), SOURCE_AVX512, FLAGS_AVX512)))
+        lib = ctypes.CDLL(str(_build(_cache(), SOURCE_AVX512, avx512_build_flags())))
         _declare(lib)
         _library_avx512 = lib
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
@@ -321,6 +348,45 @@ def ffn(
                     *_matrix(m2, b2), out.data_ptr(), out.shape[1], int(threads), int(lanes),
                     *_add_norm_args(add_norm))  # fmt: skip
     _check(rc, "sparse kernel")
+
+
+INT8_LANES = {"avx512": 64, "avx2": 32}
+"""Tokens per tile of the INT8 kernels of each instruction set."""
+
+
+def int8_isa() -> str:
+    """What runs the INT8 products here, for reports: ``avx512-vnni``, ``avx512`` (VPDPBUSD
+    emulated), ``avx2``, or ``reference`` (no native kernels: a slow exact torch path)."""
+    name = isa()
+    if name is None:
+        return "reference"
+    return "avx512-vnni" if name == "avx512" and cpu_has_vnni() else name
+
+
+def _quantized(m: Int8RowGroups, bias: np.ndarray) -> list:
+    return [*m.addresses, bias.ctypes.data]
+
+
+def spmm_int8(x: torch.Tensor, m: Int8RowGroups, bias: np.ndarray, act: int, out: torch.Tensor,
+              threads: int, add_norm: AddNorm | None = None) -> None:
+    """``out = act(x @ W.T + b)`` with ``W`` int8 per row (`Int8RowGroups`) and ``x``
+    quantised per token inside the kernel; x, out: C-contiguous float32; with ``add_norm``
+    as `spmm`."""
+    lib = _kernels()
+    rc = lib.sb_spmm_i8(x.data_ptr(), x.shape[0], x.shape[1], *_quantized(m, bias), int(act),
+                        out.data_ptr(), out.shape[1], int(threads), *_add_norm_args(add_norm))  # fmt: skip
+    _check(rc, "INT8 sparse kernel")
+
+
+def ffn_int8(x: torch.Tensor, m1: Int8RowGroups, b1: np.ndarray, m2: Int8RowGroups, b2: np.ndarray,
+             out: torch.Tensor, threads: int, add_norm: AddNorm | None = None) -> None:
+    """``out = W2 gelu(W1 x + b1) + b2`` in INT8 (the hidden activations quantised per
+    token again), fused per token tile; ``add_norm`` as `spmm`."""
+    lib = _kernels()
+    rc = lib.sb_ffn_i8(x.data_ptr(), x.shape[0], x.shape[1], *_quantized(m1, b1), m1.shape[0],
+                       *_quantized(m2, b2), out.data_ptr(), out.shape[1], int(threads),
+                       *_add_norm_args(add_norm))  # fmt: skip
+    _check(rc, "INT8 sparse kernel")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,

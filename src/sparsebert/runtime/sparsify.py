@@ -34,6 +34,7 @@ from sparsebert.runtime.activation import FastGELU
 from sparsebert.runtime.add_norm import FusedAddNorm, is_output_block
 from sparsebert.runtime.attention import supports_attention_interface, use_native_attention
 from sparsebert.runtime.fused import GroupSlice, SharedInputGroup, SparseFFN
+from sparsebert.runtime.quantized import SparseFFNInt8, SparseLinearInt8
 from sparsebert.runtime.sparse_linear import SparseLinear
 
 SPARSE_KERNEL_MIN_SPARSITY = 0.6
@@ -60,6 +61,9 @@ FFN_PATTERNS = (
 """(first linear, activation, second linear) paths of a feed-forward block, per family."""
 
 
+DTYPES = ("float32", "int8")
+"""What `sparsify_for_inference` can make the sparse units compute in."""
+
 SWAP_KINDS = ("gelu", "attention", "add-norm")
 """Decisions that swap dense work for a faster dense kernel, not a sparse one."""
 
@@ -84,6 +88,9 @@ class SparsifyReport:
     """Decisions of `sparsify_for_inference`, in model order."""
 
     decisions: list[Decision] = field(default_factory=list)
+    dtype: str = "float32"
+    """What the sparse units compute in: ``float32``, or ``int8`` (weights per output row,
+    activations per token; see `sparsebert.runtime.quantized`)."""
 
     @property
     def n_sparse(self) -> int:
@@ -103,7 +110,7 @@ class SparsifyReport:
                 choice = choices[d.kind][d.sparse]
                 lines.append(f"{d.name} [{d.kind}]: {choice}, {d.reason}{times}")
                 continue
-            choice = "sparse" if d.sparse else "dense"
+            choice = ("sparse int8" if self.dtype == "int8" else "sparse") if d.sparse else "dense"
             lines.append(f"{d.name} [{d.kind}] {d.sparsity:.1%}: {choice}, {d.reason}{times}")
         return "\n".join(lines)
 
@@ -184,6 +191,7 @@ class _Policy:
     tokens: int
     repeats: int
     margin: float
+    dtype: str = "float32"
 
     def decide(
         self, name: str, kind: str, sparsity: float, n_in: int, dense: Callable, build: Callable
@@ -201,6 +209,10 @@ class _Policy:
         reason = "timed faster" if faster else "timed not faster"
         decision = Decision(name, kind, sparsity, faster, reason, dense_ms, sparse_ms)
         return decision, (module if faster else None)
+
+
+def _linear_kind(policy: _Policy) -> type[SparseLinear] | type[SparseLinearInt8]:
+    return SparseLinearInt8 if policy.dtype == "int8" else SparseLinear
 
 
 def _linear_fn(linear: nn.Linear, act: Callable | None = None) -> Callable:
@@ -226,7 +238,7 @@ def _decide_linear(
         sparsity_of(linear),
         linear.in_features,
         _linear_fn(linear, act if fuse_gelu else None),
-        lambda: SparseLinear.from_linear(linear, activation="gelu" if fuse_gelu else None),
+        lambda: _linear_kind(policy).from_linear(linear, activation="gelu" if fuse_gelu else None),
     )
     report.decisions.append(decision)
     if module is not None:
@@ -272,7 +284,7 @@ def _decide_shared(
         group_box: list[SharedInputGroup] = []
 
         def build() -> nn.Module:
-            group_box.append(SharedInputGroup(linears))
+            group_box.append(SharedInputGroup(linears, dtype=policy.dtype))
             return group_box[-1].linear
 
         def dense(x: torch.Tensor) -> None:
@@ -315,7 +327,7 @@ def _decide_ffn(
             zeros / total,
             first.in_features,
             lambda x: second(act(first(x))),
-            lambda: SparseFFN(first, second),
+            lambda: (SparseFFNInt8 if policy.dtype == "int8" else SparseFFN)(first, second),
         )
         if module is not None:
             report.decisions.append(decision)
@@ -420,6 +432,7 @@ def sparsify_for_inference(
     sample_tokens: int = 16 * 128,
     repeats: int = 7,
     margin: float = 0.05,
+    dtype: str = "float32",
 ) -> SparsifyReport:
     """Replace the linears of ``model`` (in place) by sparse kernels where that is faster.
 
@@ -430,6 +443,10 @@ def sparsify_for_inference(
         ``margin`` faster, so no layer becomes slower.
     The model is put in eval mode; the result is for inference under `torch.no_grad()` /
     `torch.inference_mode()` only, with torch's thread count (`torch.set_num_threads`).
+    dtype: ``float32`` (exact to rounding), or ``int8``: the sparse units become sparse INT8
+        ones (`SparseLinearInt8`, `SparseFFNInt8`: int8 weights per output row, activations
+        quantised per token at run time, int32 sums; see `sparsebert.runtime.quantized`);
+        attention, layer norms, embeddings and the linears that stay dense stay float32.
     Returns a `SparsifyReport` with one decision per unit.
     """
     _check_model(model)
@@ -439,9 +456,11 @@ def sparsify_for_inference(
         threshold = CANDIDATE_FLOOR if calibrate else SPARSE_KERNEL_MIN_SPARSITY
     if sample_tokens < 1 or repeats < 1:
         raise SparseBertError("sample_tokens and repeats must be positive integers")
-    policy = _Policy(threshold, calibrate, int(sample_tokens), int(repeats), float(margin))
+    if dtype not in DTYPES:
+        raise SparseBertError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    policy = _Policy(threshold, calibrate, int(sample_tokens), int(repeats), float(margin), dtype)
     model.eval()
-    report = SparsifyReport()
+    report = SparsifyReport(dtype=dtype)
     done: set[str] = set()
     for name, module in list(model.named_modules()):
         if any(name == d or name.startswith(d + ".") for d in done):
@@ -462,3 +481,40 @@ def sparsify_for_inference(
     _decide_attention(model, policy, report)
     _fuse_add_norms(model, report)
     return report
+
+
+EVAL_RUNTIMES = ("torch", "sparse", "sparse-int8")
+"""What `sparsebert evaluate --runtime` can run a model on: ``torch`` (the model as saved),
+``sparse`` (the sparse runtime, float32) and ``sparse-int8`` (the sparse runtime, INT8)."""
+
+
+def prepare_for_runtime(model: nn.Module, runtime: str) -> dict:
+    """Put ``model`` (in place) on the runtime ``runtime`` of `EVAL_RUNTIMES`, as a deployment
+    would, and say what that did: ``{"runtime", "kernels", "sparse_units", "dense_units"}``.
+
+    Not calibrated, so that accuracy never depends on timings: every unit at least
+    `SPARSE_KERNEL_MIN_SPARSITY` sparse runs on the sparse kernels. A SparseBertError, saying
+    why, where the runtime cannot serve this model: an unknown runtime, a model that is not
+    float32 on the CPU, or one with no unit sparse enough (nothing would run sparse)."""
+    if runtime not in EVAL_RUNTIMES:
+        raise SparseBertError(f"unknown runtime {runtime!r}: use one of {', '.join(EVAL_RUNTIMES)}")
+    if runtime == "torch":
+        return {"runtime": "torch"}
+    try:
+        dtype = "int8" if runtime == "sparse-int8" else "float32"
+        report = sparsify_for_inference(model, calibrate=False, dtype=dtype)
+    except SparseBertError as err:
+        raise SparseBertError(f"--runtime {runtime} cannot run this model: {err}") from None
+    if report.n_sparse == 0:
+        raise SparseBertError(
+            f"--runtime {runtime}: no linear layer of this {type(model).__name__} is at least "
+            f"{SPARSE_KERNEL_MIN_SPARSITY:.0%} sparse, so nothing would run on the sparse kernels; "
+            "prune it first, or evaluate it with --runtime torch"
+        )
+    if runtime == "sparse-int8":
+        kernels = native.int8_isa()
+    else:
+        kernels = native.isa() or "numba"
+    units = [d for d in report.decisions if d.kind not in SWAP_KINDS]
+    return {"runtime": runtime, "kernels": kernels, "sparse_units": report.n_sparse,
+            "dense_units": len(units) - report.n_sparse}  # fmt: skip
