@@ -47,6 +47,23 @@ def test_prune_save_and_plain_load_give_same_logits(tiny_model_dir, sst2_dir, tm
     assert sparsity_report(model)["target_sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 
+def test_a_distilled_run_reports_its_teacher_side_by_side(tiny_model_dir, sst2_dir, tmp_path, capsys):
+    """`prune --teacher` puts the teacher's dev metrics beside the student's, measured on the
+    same evaluation set: equal to what `sparsebert evaluate` gives for the teacher."""
+    out = str(tmp_path / "pruned")
+    args = ["--task", "sst2", "--data-dir", sst2_dir, "--max-eval-samples", "16"]
+    assert main(["prune", *args, "--model", tiny_model_dir, "--teacher", tiny_model_dir, "--sparsity",
+                 "0.5", "--output-dir", out, "--max_steps", "2", "--per_device_train_batch_size", "8",
+                 "--use_cpu", "true"]) == 0
+    captured = capsys.readouterr()
+    summary = _last_json(captured.out)
+    assert main(["evaluate", tiny_model_dir, *args]) == 0
+    alone = _last_json(capsys.readouterr().out)["metrics"]
+    assert summary["teacher_metrics"]["eval_accuracy"] == pytest.approx(alone["eval_accuracy"])
+    t, s = 100 * alone["eval_accuracy"], 100 * summary["metrics"]["eval_accuracy"]
+    assert f"accuracy: teacher {t:.2f} | this model {s:.2f} ({s - t:+.2f} points)" in captured.err
+
+
 def test_the_saved_model_is_the_trained_one(tiny_model_dir, sst2_dir, tmp_path):
     """Plain transformers loading gives back the model that was trained in memory: same
     parameters, same logits (compared with the trained model, not with another reload)."""

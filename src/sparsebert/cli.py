@@ -283,8 +283,28 @@ def _run_training(ns: argparse.Namespace, rest: list[str]) -> int:
     summary["metrics"] = info["metrics"]
     if len(info["eval_sets"]) > 1:
         summary["eval_sets"] = info["eval_sets"]
+    if info.get("teacher_metrics"):
+        summary["teacher_metrics"] = info["teacher_metrics"]
     print(json.dumps(summary, indent=2))
+    line = teacher_comparison(info)
+    if line:  # on stderr: stdout stays one JSON document
+        print(line, file=sys.stderr)
     return 0
+
+
+def teacher_comparison(info: dict) -> str | None:
+    """One line: the teacher's and the trained model's main metric side by side."""
+    from sparsebert.tasks.base import get_task
+
+    theirs = info.get("teacher_metrics") or {}
+    key = f"eval_{get_task(info['task']).main_metric}"
+    if key not in theirs or key not in info["metrics"]:
+        return None
+    t, s = float(theirs[key]), float(info["metrics"][key])
+    if abs(t) <= 1.0 and abs(s) <= 1.0:  # fractions (accuracy, F1); SQuAD reports percentages
+        t, s = 100 * t, 100 * s
+    return (f"{key[5:]}: teacher {t:.2f} | this model {s:.2f} ({s - t:+.2f} points) at "
+            f"{100 * info['sparsity']['target_sparsity']:.1f}% sparsity")
 
 
 def main(argv: list[str] | None = None) -> int:

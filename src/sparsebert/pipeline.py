@@ -445,6 +445,8 @@ def train_run(
         "method": {"name": recipe.method, **method.report()},
         "sparsity": report,
     }
+    if teacher is not None:
+        info["teacher_metrics"] = teacher_metrics(teacher_path, data, trainer.args.world_size)
     if recipe.learned:
         info["weights_trained"] = method.weights_trained
         info["head"] = _head_description(recipe, prompt)
@@ -460,6 +462,28 @@ def train_run(
             f.write(format_report(report) + "\n")
         write_checksums(output_dir)  # last: `sparsebert verify` catches any later change
     return TrainRun(info, plain_model, trainer)
+
+
+def teacher_metrics(teacher_path: str, data: DataOptions, world_size: int = 1) -> dict[str, float] | None:
+    """The teacher's metrics on the student's evaluation set, so that a distilled run reports
+    what it is measured against (a sparse model 3 points below a teacher says more than the
+    number alone). Read from the teacher's ``sparsebert.json`` when it was evaluated on the
+    same task and data, else evaluated here (one pass over the dev set); None under DDP, where
+    a second evaluation would need every rank."""
+    path = os.path.join(resolve_model_path(teacher_path), RUN_INFO_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        same = {k: saved.get("data", {}).get(k) for k in ("task", "max_eval_samples", "max_seq_length",
+                                                            "eval_split")}
+        if same == {"task": data.task, "max_eval_samples": data.max_eval_samples,
+                    "max_seq_length": data.max_seq_length, "eval_split": data.eval_split}:
+            return saved.get("metrics")
+    if world_size > 1:
+        return None
+    eval_only = DataOptions(data.task, data.data_dir, None, data.max_eval_samples, data.max_seq_length,
+                            data.eval_split)
+    return evaluate_saved(teacher_path, eval_only)["metrics"]
 
 
 def train_and_prune(*args, **kwargs) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from sparsebert.runtime.sparse_linear import (
     SparseLinear,
     add_norm_operands,
     as_matrix,
+    check_ffn_shapes,
     check_inference,
     run_spmm,
     sync_threads,
@@ -123,11 +124,7 @@ class SparseFFN(nn.Module):
 
     def __init__(self, first: nn.Linear, second: nn.Linear) -> None:
         super().__init__()
-        if second.in_features != first.out_features:
-            raise ValueError(
-                f"feed-forward shapes do not chain: {first.out_features} hidden outputs "
-                f"but {second.in_features} inputs to the second linear"
-            )
+        check_ffn_shapes(first, second)
         self.first = SparseLinear.from_linear(first, activation="gelu")
         self.second = SparseLinear.from_linear(second)
         self.in_features = first.in_features

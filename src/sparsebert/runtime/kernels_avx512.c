@@ -444,81 +444,6 @@ static void pv_any(const float *p, int64_t ps, const float *vb, int64_t S_k, int
     }
 }
 
-/* Prefetch n rows of D floats, `stride` floats apart, into L2 (see kernels_avx2.c). */
-static void prefetch_rows(const float *base, int64_t stride, int64_t n, int64_t D) {
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t c = 0; c < D; c += 16) _mm_prefetch((const char *)(base + i * stride + c), _MM_HINT_T1);
-}
-
-int sb_attention(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t S,
-                 int64_t S_k, int64_t D, const int64_t *q_strides, const int64_t *k_strides,
-                 const int64_t *v_strides, const float *bias, int64_t bias_b, int64_t bias_i,
-                 float scale, float *out, int threads) {
-    if (D % 16 != 0 || D > 256 || S_k < 1) return -2;
-    const int64_t Sk16 = (S_k + 15) / 16 * 16; /* keys padded to whole vectors (masked scores) */
-    const int64_t nd = D / 16;
-    const int pv_rows = pv_rows_for(nd);
-    /* query rows per chunk: scores of at most ~256 KiB per thread, whole blocks of QROWS */
-    const int64_t fit = (65536 / Sk16) / QROWS * QROWS;
-    const int64_t chunk = fit < QROWS ? QROWS : (fit < S ? fit : S);
-    const int64_t per = B * H / (4 * (threads > 0 ? threads : 1));
-    const int64_t grab = per < 1 ? 1 : (per < H ? per : H);
-    int failed = 0;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
-    {
-        float *kt = scratch(D * Sk16);       /* k transposed: kt[d][j] */
-        float *pr = scratch(chunk * Sk16);   /* scores / probabilities of a chunk of query rows */
-        float *inv = scratch(chunk);         /* 1 / softmax sum per row of the chunk */
-        float *vl = scratch(S_k * D);        /* this head's v rows, contiguous */
-        const int ok = kt && pr && inv && vl;
-        failed |= !ok;
-#pragma omp for schedule(dynamic, grab)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            if (!ok) continue;
-            const int64_t b = bh / H, h = bh % H;
-            const float *qs = q + b * q_strides[0] + h * q_strides[1];
-            const float *kb = k + b * k_strides[0] + h * k_strides[1];
-            const float *vs = v + b * v_strides[0] + h * v_strides[1];
-            if ((bh + 1) % grab != 0 && bh + 1 < B * H) { /* next head's rows into L2 meanwhile */
-                const int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
-                prefetch_rows(q + b1 * q_strides[0] + h1 * q_strides[1], q_strides[2], S, D);
-                prefetch_rows(k + b1 * k_strides[0] + h1 * k_strides[1], k_strides[2], S_k, D);
-                prefetch_rows(v + b1 * v_strides[0] + h1 * v_strides[1], v_strides[2], S_k, D);
-            }
-            for (int64_t j = 0; j < S_k; j++)
-                for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(vl + j * D + c, _mm512_loadu_ps(vs + j * v_strides[2] + c));
-            int64_t j0 = 0;
-            for (; j0 + 8 <= S_k; j0 += 8)
-                for (int64_t d0 = 0; d0 < D; d0 += 8) {
-                    __m256 r[8];
-                    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kb + (j0 + i) * k_strides[2] + d0);
-                    transpose8(r);
-                    for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (d0 + i) * Sk16 + j0, r[i]);
-                }
-            for (int64_t j = j0; j < Sk16; j++)
-                for (int64_t d = 0; d < D; d++) kt[d * Sk16 + j] = j < S_k ? kb[j * k_strides[2] + d] : 0.0f;
-            for (int64_t c0 = 0; c0 < S; c0 += chunk) {
-                const int64_t nc = S - c0 < chunk ? S - c0 : chunk;
-                for (int64_t i0 = 0; i0 < nc; i0 += QROWS) {
-                    const int nr = nc - i0 < QROWS ? (int)(nc - i0) : QROWS;
-                    QK_ROWS[nr](qs + (c0 + i0) * q_strides[2], q_strides[2], D, kt, Sk16, pr + i0 * Sk16);
-                }
-                for (int64_t i = 0; i < nc; i++) {
-                    const float *brow = bias ? bias + b * bias_b + (c0 + i) * bias_i : NULL;
-                    inv[i] = softmax_row(pr + i * Sk16, brow, scale, S_k, Sk16);
-                }
-                for (int64_t i0 = 0; i0 < nc; i0 += pv_rows) {
-                    const int n = nc - i0 < pv_rows ? (int)(nc - i0) : pv_rows;
-                    float *outs[8];
-                    for (int r = 0; r < n; r++) outs[r] = out + ((b * S + c0 + i0 + r) * H + h) * D;
-                    pv_any(pr + i0 * Sk16, Sk16, vl, S_k, nd, outs, inv + i0, n);
-                }
-            }
-        }
-        free(kt), free(pr), free(inv), free(vl);
-    }
-    return failed ? -1 : 0;
-}
 
 /* ---------------------------------------------------------------------------------------
  * Sparse INT8 (weights int8 per output row, activations int8 per token, int32 sums): the
@@ -672,6 +597,9 @@ static void i8_rows(const uint8_t *buf, const uint64_t *ptr, int64_t n_panels, i
 
 /* What kernels_drivers.h needs besides the above: tile widths, streaming stores for outputs
  * far larger than L2. */
+#define ATT_VEC 16
+#define ATT_COPY(DST, SRC) _mm512_storeu_ps(DST, _mm512_loadu_ps(SRC))
+#define ATT_MAX_PV_ROWS 8
 #define LANES_OK(LANES) ((LANES) == 16 || (LANES) == 32 || (LANES) == 64)
 #define STREAM_OUTPUT(OUT, N_TOK, N_OUT) stream_output(OUT, N_TOK, N_OUT)
 #define UNPACK_OUT(OBUF, N_OUT, OUT, T0, NT, LANES, STREAM) unpack(OBUF, N_OUT, OUT, T0, NT, LANES, STREAM)

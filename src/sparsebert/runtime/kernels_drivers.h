@@ -189,3 +189,94 @@ int sb_ffn_i8(const float *x, int64_t n_tok, int64_t n_in,
     }
     return failed ? -1 : 0;
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Dense attention softmax(q k^T * scale + bias) v per (batch, head), from the file's score,
+ * softmax and p @ v blocks (QK_ROWS, QROWS, softmax_row, pv_rows_for, pv_any, transpose8)
+ * and its vector width ATT_VEC, vector copy ATT_COPY and ATT_MAX_PV_ROWS.
+ * --------------------------------------------------------------------------------------- */
+
+/* Prefetch n rows of D floats, `stride` floats apart, into L2. A head's rows are scattered
+ * (in BERT each token's q, k and v rows are 3 x hidden floats apart, a page or more), which
+ * the hardware prefetchers do not follow: reading them cold cost ~30% of the kernel. */
+static void prefetch_rows(const float *base, int64_t stride, int64_t n, int64_t D) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t c = 0; c < D; c += 16) _mm_prefetch((const char *)(base + i * stride + c), _MM_HINT_T1);
+}
+
+int sb_attention(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t S,
+                 int64_t S_k, int64_t D, const int64_t *q_strides, const int64_t *k_strides,
+                 const int64_t *v_strides, const float *bias, int64_t bias_b, int64_t bias_i,
+                 float scale, float *out, int threads) {
+    if (D % ATT_VEC != 0 || D > 256 || S_k < 1) return -2;
+    const int64_t SkV = (S_k + ATT_VEC - 1) / ATT_VEC * ATT_VEC; /* keys padded to whole vectors (masked scores) */
+    const int64_t nd = D / ATT_VEC;
+    const int pv_rows = pv_rows_for(nd);
+    /* query rows per chunk: scores of at most ~256 KiB per thread, whole blocks of QROWS */
+    const int64_t fit = (65536 / SkV) / QROWS * QROWS;
+    const int64_t chunk = fit < QROWS ? QROWS : (fit < S ? fit : S);
+    const int64_t per = B * H / (4 * (threads > 0 ? threads : 1));
+    const int64_t grab = per < 1 ? 1 : (per < H ? per : H);
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+    {
+        float *kt = scratch(D * SkV);        /* k transposed: kt[d][j] */
+        float *pr = scratch(chunk * SkV);    /* scores / probabilities of a chunk of query rows */
+        float *inv = scratch(chunk);         /* 1 / softmax sum per row of the chunk */
+        float *vl = scratch(S_k * D);        /* this head's v rows, contiguous */
+        const int ok = kt && pr && inv && vl;
+        failed |= !ok;
+        /* Dynamic scheduling (up to a batch row's H heads per grab, at least ~4 grabs per
+         * thread): on a shared machine one thread can run slower than the other, and static
+         * halves would wait for it. The prefetch of the next head stays within the grab. */
+#pragma omp for schedule(dynamic, grab)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!ok) continue;
+            const int64_t b = bh / H, h = bh % H;
+            const float *qs = q + b * q_strides[0] + h * q_strides[1];
+            const float *kb = k + b * k_strides[0] + h * k_strides[1];
+            const float *vs = v + b * v_strides[0] + h * v_strides[1];
+            if ((bh + 1) % grab != 0 && bh + 1 < B * H) { /* next head's rows into L2 meanwhile */
+                const int64_t b1 = (bh + 1) / H, h1 = (bh + 1) % H;
+                prefetch_rows(q + b1 * q_strides[0] + h1 * q_strides[1], q_strides[2], S, D);
+                prefetch_rows(k + b1 * k_strides[0] + h1 * k_strides[1], k_strides[2], S_k, D);
+                prefetch_rows(v + b1 * v_strides[0] + h1 * v_strides[1], v_strides[2], S_k, D);
+            }
+            for (int64_t j = 0; j < S_k; j++)
+                for (int64_t c = 0; c < D; c += ATT_VEC) ATT_COPY(vl + j * D + c, vs + j * v_strides[2] + c);
+            int64_t j0 = 0;
+            for (; j0 + 8 <= S_k; j0 += 8)
+                for (int64_t d0 = 0; d0 < D; d0 += 8) {
+                    __m256 r[8];
+                    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(kb + (j0 + i) * k_strides[2] + d0);
+                    transpose8(r);
+                    for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (d0 + i) * SkV + j0, r[i]);
+                }
+            for (int64_t j = j0; j < SkV; j++)
+                for (int64_t d = 0; d < D; d++) kt[d * SkV + j] = j < S_k ? kb[j * k_strides[2] + d] : 0.0f;
+            /* Phases over a chunk of query rows (all rows for short sequences): scores,
+             * softmax, then p @ v, so that the transposed keys and the values (16 KiB
+             * each at S = 128, D = 32) do not compete for L1 within a phase; the scores
+             * stream through L2. */
+            for (int64_t c0 = 0; c0 < S; c0 += chunk) {
+                const int64_t nc = S - c0 < chunk ? S - c0 : chunk;
+                for (int64_t i0 = 0; i0 < nc; i0 += QROWS) {
+                    const int nr = nc - i0 < QROWS ? (int)(nc - i0) : QROWS;
+                    QK_ROWS[nr](qs + (c0 + i0) * q_strides[2], q_strides[2], D, kt, SkV, pr + i0 * SkV);
+                }
+                for (int64_t i = 0; i < nc; i++) {
+                    const float *brow = bias ? bias + b * bias_b + (c0 + i) * bias_i : NULL;
+                    inv[i] = softmax_row(pr + i * SkV, brow, scale, S_k, SkV);
+                }
+                for (int64_t i0 = 0; i0 < nc; i0 += pv_rows) {
+                    const int n = nc - i0 < pv_rows ? (int)(nc - i0) : pv_rows;
+                    float *outs[ATT_MAX_PV_ROWS];
+                    for (int r = 0; r < n; r++) outs[r] = out + ((b * S + c0 + i0 + r) * H + h) * D;
+                    pv_any(pr + i0 * SkV, SkV, vl, S_k, nd, outs, inv + i0, n);
+                }
+            }
+        }
+        free(kt), free(pr), free(inv), free(vl);
+    }
+    return failed ? -1 : 0;
+}

@@ -29,8 +29,10 @@ from sparsebert.runtime.sparse_format import (
 )
 from sparsebert.runtime.sparse_linear import (
     ACTIVATIONS,
+    LinearConversion,
     add_norm_operands,
     as_matrix,
+    check_ffn_shapes,
     check_inference,
 )
 
@@ -78,7 +80,7 @@ def int8_reference(
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
-class SparseLinearInt8(nn.Module):
+class SparseLinearInt8(LinearConversion, nn.Module):
     """``y = act(x @ W.T + b)`` with ``W`` sparse int8 per output row and ``x`` quantised per
     token (see the module docstring); inference only, (..., in) -> (..., out)."""
 
@@ -95,7 +97,7 @@ class SparseLinearInt8(nn.Module):
         w = weight.detach().to("cpu", torch.float32).numpy()
         self.groups: Int8RowGroups = to_int8_row_groups(w, panel=panel)
         self.out_features, self.in_features = w.shape
-        self.nnz_fp32 = int(np.count_nonzero(w))
+        self.nnz = int(np.count_nonzero(w))  # before int8 rounding drops any
         self.has_bias = bias is not None
         self.bias_natural = (
             np.zeros(self.out_features, np.float32) if bias is None
@@ -103,17 +105,6 @@ class SparseLinearInt8(nn.Module):
         )  # fmt: skip
         self.activation = activation
 
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, activation: str | None = None, panel: int | None = None
-    ) -> SparseLinearInt8:
-        """Convert an `nn.Linear` (its zeros are the pruned weights)."""
-        return cls(linear.weight, linear.bias, activation=activation, panel=panel)
-
-    @property
-    def density(self) -> float:
-        """Fraction of non-zero weights (before int8 rounding dropped any)."""
-        return self.nnz_fp32 / max(1, self.out_features * self.in_features)
 
     def to_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` with the dequantised weight (activations then stay
@@ -173,11 +164,7 @@ class SparseFFNInt8(nn.Module):
 
     def __init__(self, first: nn.Linear, second: nn.Linear) -> None:
         super().__init__()
-        if second.in_features != first.out_features:
-            raise ValueError(
-                f"feed-forward shapes do not chain: {first.out_features} hidden outputs "
-                f"but {second.in_features} inputs to the second linear"
-            )
+        check_ffn_shapes(first, second)
         self.first = SparseLinearInt8.from_linear(first, activation="gelu")
         self.second = SparseLinearInt8.from_linear(second)
         self.in_features = first.in_features

@@ -111,7 +111,35 @@ def add_norm_operands(
             norm.bias.detach().contiguous(), float(norm.eps))  # fmt: skip
 
 
-class SparseLinear(nn.Module):
+class LinearConversion:
+    """What the sparse linear modules (fp32 `SparseLinear`, INT8 `SparseLinearInt8`) share:
+    construction from an `nn.Linear` and their density; a subclass sets ``nnz``."""
+
+    in_features: int
+    out_features: int
+    nnz: int
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation: str | None = None, panel: int | None = None):
+        """Convert an `nn.Linear` (its zeros are the pruned weights)."""
+        return cls(linear.weight, linear.bias, activation=activation, panel=panel)
+
+    @property
+    def density(self) -> float:
+        """Fraction of non-zero weights (of the fp32 matrix the module was built from)."""
+        return self.nnz / max(1, self.out_features * self.in_features)
+
+
+def check_ffn_shapes(first: nn.Linear, second: nn.Linear) -> None:
+    """A feed-forward block's two linears must chain (hidden outputs = second's inputs)."""
+    if second.in_features != first.out_features:
+        raise ValueError(
+            f"feed-forward shapes do not chain: {first.out_features} hidden outputs "
+            f"but {second.in_features} inputs to the second linear"
+        )
+
+
+class SparseLinear(LinearConversion, nn.Module):
     """``y = act(x @ W.T + b)`` with ``W`` stored sparse and multiplied by a sparse kernel.
 
     The weight is kept in two layouts: `GroupedSparse` for the numba kernels (always: they
@@ -151,17 +179,9 @@ class SparseLinear(nn.Module):
         self.has_bias = bias is not None
         self.activation = activation
 
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, activation: str | None = None, panel: int | None = None
-    ) -> SparseLinear:
-        """Convert an `nn.Linear` (its zeros are the pruned weights)."""
-        return cls(linear.weight, linear.bias, activation=activation, panel=panel)
-
     @property
-    def density(self) -> float:
-        """Fraction of non-zero weights."""
-        return self.sparse.nnz / max(1, self.out_features * self.in_features)
+    def nnz(self) -> int:
+        return self.sparse.nnz
 
     def to_linear(self) -> nn.Linear:
         """The equivalent dense `nn.Linear` (without the fused activation)."""
