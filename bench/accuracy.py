@@ -9,11 +9,13 @@ Per task (SST-2, MRPC, STS-B, RTE; GLUE dev sets, full):
 * ``obert-80/90``      : oBERT+KD from the teacher, same budget (``prune --recipe obert``);
 * ``oneshot-*``        : one-shot magnitude / Wanda / SparseGPT from the teacher at 50%, 70% and
                          2:4 (``oneshot``), 128 calibration examples of the task's training data;
-* on the first task only (``--learned-task``), the learned-mask methods at 90% (movement, soft
-  movement, SMP-L, mask training) with the same scaled budget and KD from the teacher, and the
-  peers at the same budget: torch.ao ``WeightNormSparsifier`` + ``CubicSL`` (80/90%, KD from the
-  teacher) and llm-compressor's one-shot SparseGPT / Wanda (50%, 70%; its own venv, built from
-  the local package mirror when missing; a failure is recorded as a row with ``error``).
+* on the first task only (``--learned-task``): GMP*+KD at 90% with layer-wise distillation
+  added (hidden states and attention maps, ``gmp-90-layer-kd``); the learned-mask methods at
+  90% (movement, soft movement, SMP-L, mask training) with the same scaled budget and KD from
+  the teacher, each with its shipped recipe and one variant of its score init (``VARIANT``);
+  and the peers at the same budget: torch.ao ``WeightNormSparsifier`` + ``CubicSL`` (80/90%,
+  KD from the teacher) and llm-compressor's one-shot SparseGPT / Wanda (50%, 70%; its own
+  venv, built from the local package mirror when missing; a failure is a row with ``error``).
 
 Every arm of a task gets the same training subset, batch size and weight learning rate; the
 sparse arms start from the same teacher. Results are rewritten after every run
@@ -45,6 +47,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 LEARNED = ("movement", "soft-movement", "smp-l", "mask-train")
+VARIANT = {
+    "movement": ("paper-init", ("masks.init=zeros",)),
+    "soft-movement": ("paper-init", ("masks.init=zeros",)),
+    "smp-l": ("magnitude-init", ("masks.init=magnitude-scaled",)),
+    "mask-train": ("paper-init", ("masks.init=magnitude-hard", "masks.score_lr=5e-5")),
+}
+"""Beside each learned-mask method's shipped recipe, one variant: the paper's score init (and,
+for mask training, score LR) where the recipe departs from it, and for SMP-L, whose recipe
+keeps the paper's zeros, the magnitude init the others moved to."""
 ONESHOT = ("magnitude", "wanda", "sparsegpt")
 ONESHOT_TARGETS = ((0.5, None), (0.7, None), (None, "2:4"))
 
@@ -96,6 +107,8 @@ class Bench:
               teacher: str | None = None, overrides: tuple[str, ...] = (), lr: float | None = None) -> dict:
         out = os.path.join(self.args.work, setup.task, name)
         info_path = os.path.join(out, "sparsebert.json")
+        if not os.path.isfile(info_path) and self.args.cached_only:
+            return None
         if not os.path.isfile(info_path):
             print(f"=== {setup.task}/{name}: {recipe} from {model or 'embedded'}", flush=True)
             started = os.path.isdir(out) and any(d.startswith("checkpoint-") for d in os.listdir(out))
@@ -118,6 +131,8 @@ class Bench:
 
         out = os.path.join(self.args.work, setup.task, name)
         info_path = os.path.join(out, "sparsebert.json")
+        if not os.path.isfile(info_path) and self.args.cached_only:
+            return None
         if not os.path.isfile(info_path):
             print(f"=== {setup.task}/{name}", flush=True)
             run_oneshot(model, DataOptions(setup.task, self.args.data_dir, None, None, setup.max_seq_length),
@@ -125,7 +140,10 @@ class Bench:
         with open(info_path) as f:
             return json.load(f)
 
-    def add(self, task: str, method: str, target: float, pattern: str | None, info: dict, **extra) -> None:
+    def add(self, task: str, method: str, target: float, pattern: str | None, info: dict | None,
+            **extra) -> None:
+        if info is None:  # --cached-only: not run yet
+            return
         metric = get_task(task).main_metric
         metrics = info["metrics"]
         value = metrics.get(f"eval_{metric}", metrics.get(metric))
@@ -138,7 +156,9 @@ class Bench:
         })
         self.write()
 
-    def add_peer(self, row: dict) -> None:
+    def add_peer(self, row: dict | None) -> None:
+        if row is None:
+            return
         keep = ("task", "method", "target_sparsity", "measured_sparsity", "pattern", "metric", "value",
                 "train_steps", "wall_seconds", "error")
         out = {k: row.get(k) for k in keep if k in row}
@@ -170,6 +190,12 @@ class Bench:
         with open(base + ".md", "w") as f:
             f.write(markdown(self.rows, self.meta(), self.notes))
         plot(self.rows, base + ".png")
+
+
+PEER_COUNTERPART = {"torch.ao-wns-cubic": "", "llmc-sparsegpt": "oneshot-sparsegpt",
+                    "llmc-wanda": "oneshot-wanda"}
+"""The sparsebert arm that does what each peer does (same data, budget, calibration sample);
+torch.ao's gradual pruner is matched by name below, with the target in the method name."""
 
 
 def dense_value(rows: list[dict], task: str) -> float | None:
@@ -205,15 +231,19 @@ def targets(rows: list[dict]) -> list[str]:
                        f"({gap:.2f} below dense, {top['wall_seconds']:.0f} s with evaluation; target "
                        f"within 1 point in under a minute): {'met' if met else 'not met'}.")
     for r in (r for r in rows if r.get("peer") and r.get("value") is not None):
-        ours = [o for o in rows if o["task"] == r["task"] and not o.get("peer") and o.get("value") is not None
-                and o["target_sparsity"] == r["target_sparsity"] and o.get("pattern") == r.get("pattern")
-                and o["method"] != "dense"]
-        if ours:
-            top = max(ours, key=lambda o: o["value"])
-            out.append(f"- peer {r['method']} at {r['target_sparsity']:.0%} on {r['task']}: "
-                       f"{100 * r['value']:.2f} vs sparsebert's best {top['method']} "
-                       f"{100 * top['value']:.2f}: "
-                       f"{'at or above the peer' if top['value'] >= r['value'] else 'below the peer'}.")
+        same = [o for o in rows if o["task"] == r["task"] and not o.get("peer") and o.get("value") is not None
+                and o["target_sparsity"] == r["target_sparsity"] and o.get("pattern") == r.get("pattern")]
+        counterpart = PEER_COUNTERPART.get(r["method"]) or f"gmp-{round(100 * r['target_sparsity'])}"
+        mine = [o for o in same if o["method"] == counterpart]
+        best = [o for o in same if o["method"] != "dense"]
+        if not mine or not best:
+            continue
+        m, top = mine[0], max(best, key=lambda o: o["value"])
+        verdict = "at or above the peer" if m["value"] >= r["value"] else "below the peer"
+        out.append(f"- peer {r['method']} at {r['target_sparsity']:.0%} on {r['task']}: "
+                   f"{100 * r['value']:.2f} vs sparsebert's {m['method']} {100 * m['value']:.2f} "
+                   f"({100 * (m['value'] - r['value']):+.2f}, {verdict}); sparsebert's best at this "
+                   f"sparsity: {top['method']} {100 * top['value']:.2f}.")
     return out or ["- (not yet measured)"]
 
 
@@ -296,15 +326,27 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
             b.add(task, f"oneshot-{criterion}", 0.5 if pattern else s, pattern, info)
     if not with_learned:
         return
+    # layer-wise distillation (hidden states + attention maps, one to one) on top of logit KD
+    info = b.train("gmp-90-layer-kd", "gmp", teacher, setup, a.base_steps, teacher=teacher,
+                   overrides=("sparsity=0.9", "budget.scale=sparsity", "distillation.hidden=1.0",
+                              "distillation.attention=1.0"), lr=a.prune_lr)
+    b.add(task, "gmp-90-layer-kd", 0.9, None, info)
     steps90 = scaled_steps(a.base_steps, 0.9)
     for method in LEARNED:
         # learned masks get the 90% budget of the gradual pruners, KD from the same teacher; the
         # methods that never change a weight (SMP, mask training) start from the teacher, so
         # that the comparison is about the mask, not about fine-tuning the weights
         start = None if method in ("movement", "soft-movement") else teacher
-        info = b.train(f"{method}-90", method, start, setup, steps90, teacher=teacher,
-                       overrides=("sparsity=0.9",), lr=a.prune_lr)
-        b.add(task, f"{method}-90", 0.9, None, info, start="pretrained" if start is None else "teacher")
+        # the methods that train weights share the weight LR of every other arm; the frozen-weight
+        # ones keep their recipe's (SMP: 1e-3 for its task head; mask training trains no weight)
+        lr = a.prune_lr if start is None else None
+        variant, variant_overrides = VARIANT[method]
+        for suffix, extra in (("", ()), (f"-{variant}", variant_overrides)):
+            name = f"{method}-90{suffix}"
+            info = b.train(name, method, start, setup, steps90, teacher=teacher,
+                           overrides=("sparsity=0.9", *extra), lr=lr)
+            b.add(task, name, 0.9, None, info, start="pretrained" if start is None else "teacher",
+                  overrides=list(extra))
     if a.no_peers:
         return
     import peers
@@ -312,7 +354,7 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
     for s in (0.8, 0.9):
         out = os.path.join(a.work, task, f"torch-ao-{int(s * 100)}")
         row = load_peer(out)
-        if row is None:
+        if row is None and not a.cached_only:
             print(f"=== {task}/torch-ao-{int(s * 100)}", flush=True)
             row = peers.run_torch_ao(teacher, task, s, scaled_steps(a.base_steps, s), a.batch_size,
                                      a.prune_lr, a.data_dir, out, setup.max_train_samples, teacher=teacher,
@@ -322,7 +364,7 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
         for s in (0.5, 0.7):
             out = os.path.join(a.work, task, f"llmc-{method}-{int(s * 100)}")
             row = load_peer(out)
-            if row is None:
+            if row is None and not a.cached_only:
                 print(f"=== {task}/llmc-{method}-{int(s * 100)}", flush=True)
                 try:
                     row = peers.run_llmcompressor(teacher, task, method, s, a.data_dir, out,
@@ -360,6 +402,8 @@ def main() -> None:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--note", action="append", default=[], help="a line for the md's notes (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rewrite md and png from the json")
+    p.add_argument("--cached-only", action="store_true",
+                   help="rebuild the results from the finished runs in --work, run nothing")
     a = p.parse_args()
     b = Bench(a)
     if a.report_only:
@@ -371,7 +415,8 @@ def main() -> None:
     started = time.time()
     for task in a.tasks:
         run_task(b, task, with_learned=task == a.learned_task)
-    b.notes.append(f"total wall time of this invocation: {time.time() - started:.0f} s")
+    if not a.cached_only:
+        b.notes.append(f"total wall time of this invocation: {time.time() - started:.0f} s")
     b.write()
 
 

@@ -152,7 +152,7 @@ def test_mask_train_inits_and_gradual_thresholds(tiny_model_dir):
     model = _tiny_model(tiny_model_dir)
     params = select_targets(model, "encoder-linears")
     w = {n: p.detach().clone() for n, p in params.items()}
-    recipe = load_recipe("mask-train", ["sparsity=0.9", "targets=[encoder-linears]"])
+    recipe = load_recipe("mask-train", ["sparsity=0.9", "targets=[encoder-linears]", "masks.init=magnitude-hard"])
     method = build_learned_method(model, params, recipe)
     for name, m in method.masks.masks.items():  # hard: 2φ on the 70% magnitude mask, else 0
         kept = m.scores > 0
@@ -169,6 +169,25 @@ def test_mask_train_inits_and_gradual_thresholds(tiny_model_dir):
                                     "targets=[encoder-linears]"]))
     for m in soft.masks.masks.values():  # soft: m̂ = |W|, φ = k-th magnitude -> exactly 90%
         assert int(m.current_mask().sum()) == m.numel - n_pruned(m.numel, 0.9)
+
+
+def test_magnitude_scaled_init_is_the_magnitude_ranking_at_mean_one(tiny_model_dir):
+    """masks.init=magnitude-scaled: S = |W| / mean|W| per matrix (computed here directly), so
+    a top-k keep ratio gives the magnitude mask of each matrix from the first step."""
+    model = _tiny_model(tiny_model_dir)
+    params = select_targets(model, "encoder-linears")
+    w = {n: p.detach().clone() for n, p in params.items()}
+    method = build_learned_method(model, params, load_recipe("movement", ["masks.init=magnitude-scaled"]))
+    for name, m in method.masks.masks.items():
+        a = w[name].abs()
+        expected = a / (a.sum() / a.numel())
+        assert torch.allclose(m.scores.detach(), expected, rtol=1e-5, atol=0)
+        assert float(m.scores.mean()) == pytest.approx(1.0, abs=1e-5)
+    method.masks.set_keep_ratio(0.3)
+    for name, m in method.masks.masks.items():
+        kept = m.current_mask()
+        assert int(kept.sum()) == round(0.3 * m.numel)
+        assert w[name].abs()[kept].min() >= w[name].abs()[~kept].max()
 
 
 def test_bake_gives_the_masked_forward_and_a_plain_model(tiny_model_dir, tmp_path):

@@ -40,7 +40,7 @@ from sparsebert.allocation import masks_from_scores, n_pruned, topk_mask
 from sparsebert.errors import SparseBertError, check_sparsity
 
 BINARIZERS = ("topk", "threshold", "sigmoid-threshold")
-SCORE_INITS = ("zeros", "magnitude", "magnitude-hard", "magnitude-soft")
+SCORE_INITS = ("zeros", "magnitude", "magnitude-scaled", "magnitude-hard", "magnitude-soft")
 
 
 class _StepCounter:
@@ -172,7 +172,11 @@ def initial_scores(
     """Scores to start from and the threshold that goes with them.
 
     ``zeros``: S = 0 (movement, SMP: every score equal, the schedule starts fully dense);
-    ``magnitude``: S = |W|; ``magnitude-hard`` (SRNets): m̂ = 2φ where the magnitude mask at
+    ``magnitude``: S = |W|; ``magnitude-scaled``: S = |W| / mean |W| of the matrix, so that
+    the first masks are the magnitude masks and the scores sit on a scale (mean 1, the 90th
+    percentile of Gaussian weights near 2) that a score learning rate of ~1e-2 can reorder
+    within a few hundred steps — from zeros, the first keep ratios below 1 cut by a few steps
+    of noisy gradients, which is what collapsed short runs (`bench/results/accuracy.md`); ``magnitude-hard`` (SRNets): m̂ = 2φ where the magnitude mask at
     ``sparsity`` keeps, 0 elsewhere, threshold φ; ``magnitude-soft`` (SRNets): m̂ = |W|,
     threshold φ = the k-th smallest magnitude (k = weights to prune), so m̂ > φ is exactly
     the magnitude mask (ties aside).
@@ -182,6 +186,9 @@ def initial_scores(
         return torch.zeros_like(w), threshold
     if init == "magnitude":
         return w.abs(), threshold
+    if init == "magnitude-scaled":
+        a = w.abs()
+        return a / a.mean().clamp_min(torch.finfo(a.dtype).tiny), threshold
     k = n_pruned(w.numel(), sparsity)
     if init == "magnitude-hard":
         keep = topk_mask(w.abs(), w.numel() - k)
