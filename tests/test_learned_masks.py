@@ -152,7 +152,8 @@ def test_mask_train_inits_and_gradual_thresholds(tiny_model_dir):
     model = _tiny_model(tiny_model_dir)
     params = select_targets(model, "encoder-linears")
     w = {n: p.detach().clone() for n, p in params.items()}
-    recipe = load_recipe("mask-train", ["sparsity=0.9", "targets=[encoder-linears]", "masks.init=magnitude-hard"])
+    recipe = load_recipe("mask-train", ["sparsity=0.9", "targets=[encoder-linears]",
+                                        "masks.init=magnitude-hard"])
     method = build_learned_method(model, params, recipe)
     for name, m in method.masks.masks.items():  # hard: 2φ on the 70% magnitude mask, else 0
         kept = m.scores > 0

@@ -176,8 +176,9 @@ def initial_scores(
     the first masks are the magnitude masks and the scores sit on a scale (mean 1, the 90th
     percentile of Gaussian weights near 2) that a score learning rate of ~1e-2 can reorder
     within a few hundred steps — from zeros, the first keep ratios below 1 cut by a few steps
-    of noisy gradients, which is what collapsed short runs (`bench/results/accuracy.md`); ``magnitude-hard`` (SRNets): m̂ = 2φ where the magnitude mask at
-    ``sparsity`` keeps, 0 elsewhere, threshold φ; ``magnitude-soft`` (SRNets): m̂ = |W|,
+    of noisy gradients, which is what collapsed short runs from a pretrained model
+    (`bench/results/accuracy.md`); ``magnitude-hard`` (SRNets): m̂ = 2φ where the magnitude
+    mask at ``sparsity`` keeps, 0 elsewhere, threshold φ; ``magnitude-soft`` (SRNets): m̂ = |W|,
     threshold φ = the k-th smallest magnitude (k = weights to prune), so m̂ > φ is exactly
     the magnitude mask (ties aside).
     """
