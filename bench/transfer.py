@@ -307,6 +307,8 @@ def main() -> None:
     p.add_argument("--ner-eval", type=int, default=1000, help="NER dev sentences (first N)")
     p.add_argument("--smp-steps", type=int, default=150)
     p.add_argument("--stages", default="ABCDE")
+    p.add_argument("--domain-tasks", nargs="+", default=["ncbi_disease", "bc5cdr_disease"],
+                   choices=["ncbi_disease", "bc5cdr_disease"], help="stage D's NER tasks")
     p.add_argument("--note", action="append", default=[], help="a line for the md's notes (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rewrite md and png from the json")
     a = p.parse_args()
@@ -380,7 +382,7 @@ def main() -> None:
             info = b.run(name, recipe, start, data, {**tr, "warmup_steps": 0.1})
             b.add("domain-mlm", name, "mlm-pubmed", info, ("accuracy", "perplexity"))
             starts[name] = os.path.join(w, name)
-        for tname in ("ncbi_disease", "bc5cdr_disease"):
+        for tname in a.domain_tasks:
             t = tasks[tname]
             for name in ("general-sparse-90", "bio-sparse-90", "dense", "dense-bio"):
                 info = task_run(f"{tname}-{name}", "finetune", starts[name], t)
