@@ -103,14 +103,25 @@ class Bench:
         return DataOptions(setup.task, self.args.data_dir, setup.max_train_samples, None,
                            setup.max_seq_length)
 
-    def train(self, name: str, recipe: str, model: str | None, setup: TaskSetup, steps: int,
-              teacher: str | None = None, overrides: tuple[str, ...] = (), lr: float | None = None) -> dict:
-        out = os.path.join(self.args.work, setup.task, name)
+    def cached(self, task: str, name: str, run) -> dict | None:
+        """The run's ``sparsebert.json``: read when the run finished before, else ``run(out)``
+        first (nothing under ``--cached-only``: None)."""
+        out = os.path.join(self.args.work, task, name)
         info_path = os.path.join(out, "sparsebert.json")
-        if not os.path.isfile(info_path) and self.args.cached_only:
-            return None
         if not os.path.isfile(info_path):
-            print(f"=== {setup.task}/{name}: {recipe} from {model or 'embedded'}", flush=True)
+            if self.args.cached_only:
+                return None
+            print(f"=== {task}/{name}", flush=True)
+            run(out)
+        with open(info_path) as f:
+            info = json.load(f)
+        print(f"=== {task}/{name}: {info['metrics']} in {info['wall_seconds']:.0f}s", flush=True)
+        return info
+
+    def train(self, name: str, recipe: str, model: str | None, setup: TaskSetup, steps: int,
+              teacher: str | None = None, overrides: tuple[str, ...] = (),
+              lr: float | None = None) -> dict | None:
+        def run(out: str) -> None:
             started = os.path.isdir(out) and any(d.startswith("checkpoint-") for d in os.listdir(out))
             training = {"max_steps": steps, "per_device_train_batch_size": self.args.batch_size,
                         "per_device_eval_batch_size": 64, "save_steps": 10_000, "logging_steps": 25}
@@ -120,25 +131,18 @@ class Bench:
                             teacher_path=teacher, training_overrides=training,
                             resume="auto" if started else None,
                             overwrite=os.path.isdir(out) and not started)
-        with open(info_path) as f:
-            info = json.load(f)
-        print(f"=== {setup.task}/{name}: {info['metrics']} in {info['wall_seconds']:.0f}s", flush=True)
-        return info
+
+        return self.cached(setup.task, name, run)
 
     def oneshot(self, name: str, model: str, setup: TaskSetup, criterion: str, sparsity: float | None,
-                pattern: str | None) -> dict:
+                pattern: str | None) -> dict | None:
         from sparsebert.oneshot import run_oneshot
 
-        out = os.path.join(self.args.work, setup.task, name)
-        info_path = os.path.join(out, "sparsebert.json")
-        if not os.path.isfile(info_path) and self.args.cached_only:
-            return None
-        if not os.path.isfile(info_path):
-            print(f"=== {setup.task}/{name}", flush=True)
+        def run(out: str) -> None:
             run_oneshot(model, DataOptions(setup.task, self.args.data_dir, None, None, setup.max_seq_length),
                         criterion, out, sparsity=sparsity, pattern=pattern, overwrite=os.path.isdir(out))
-        with open(info_path) as f:
-            return json.load(f)
+
+        return self.cached(setup.task, name, run)
 
     def add(self, task: str, method: str, target: float, pattern: str | None, info: dict | None,
             **extra) -> None:

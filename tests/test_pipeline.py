@@ -47,21 +47,55 @@ def test_prune_save_and_plain_load_give_same_logits(tiny_model_dir, sst2_dir, tm
     assert sparsity_report(model)["target_sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 
+def _dev_accuracy(model_dir: str, sst2_dir: str, n: int, max_length: int = 128) -> float:
+    """Accuracy of a saved classifier on the first n rows of the SST-2 fixture's dev.tsv, read and
+    scored here with plain transformers (independent of sparsebert's evaluation)."""
+    with open(os.path.join(sst2_dir, "SST-2", "dev.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:n + 1]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    batch = tok([r[0] for r in rows], padding=True, truncation=True, max_length=max_length,
+                return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1)
+    return float((pred == torch.tensor([int(r[1]) for r in rows])).float().mean())
+
+
 def test_a_distilled_run_reports_its_teacher_side_by_side(tiny_model_dir, sst2_dir, tmp_path, capsys):
     """`prune --teacher` puts the teacher's dev metrics beside the student's, measured on the
-    same evaluation set: equal to what `sparsebert evaluate` gives for the teacher."""
+    same evaluation set (the teacher's accuracy recomputed here with plain transformers)."""
     out = str(tmp_path / "pruned")
-    args = ["--task", "sst2", "--data-dir", sst2_dir, "--max-eval-samples", "16"]
-    assert main(["prune", *args, "--model", tiny_model_dir, "--teacher", tiny_model_dir, "--sparsity",
-                 "0.5", "--output-dir", out, "--max_steps", "2", "--per_device_train_batch_size", "8",
+    assert main(["prune", "--task", "sst2", "--data-dir", sst2_dir, "--max-eval-samples", "16",
+                 "--model", tiny_model_dir, "--teacher", tiny_model_dir, "--sparsity", "0.5",
+                 "--output-dir", out, "--max_steps", "2", "--per_device_train_batch_size", "8",
                  "--use_cpu", "true"]) == 0
     captured = capsys.readouterr()
     summary = _last_json(captured.out)
-    assert main(["evaluate", tiny_model_dir, *args]) == 0
-    alone = _last_json(capsys.readouterr().out)["metrics"]
-    assert summary["teacher_metrics"]["eval_accuracy"] == pytest.approx(alone["eval_accuracy"])
-    t, s = 100 * alone["eval_accuracy"], 100 * summary["metrics"]["eval_accuracy"]
+    teacher = _dev_accuracy(tiny_model_dir, sst2_dir, 16)
+    assert summary["teacher_metrics"]["eval_accuracy"] == pytest.approx(teacher)
+    student = _dev_accuracy(out, sst2_dir, 16)
+    assert summary["metrics"]["eval_accuracy"] == pytest.approx(student)
+    t, s = 100 * teacher, 100 * student
     assert f"accuracy: teacher {t:.2f} | this model {s:.2f} ({s - t:+.2f} points)" in captured.err
+
+
+def test_teacher_metrics_reuse_the_teachers_own_evaluation_only_on_the_same_data(tiny_model_dir, sst2_dir,
+                                                                                   tmp_path):
+    """A teacher evaluated on the same task, eval subset and sequence length is not evaluated
+    again (its sparsebert.json is read); on other data it is."""
+    from sparsebert.pipeline import teacher_metrics
+
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(tiny_model_dir, teacher)
+    data = DataOptions("sst2", sst2_dir, max_eval_samples=16)
+    saved = {"data": {"task": "sst2", "max_eval_samples": 16, "max_seq_length": 128,
+                      "eval_split": "validation"}, "metrics": {"eval_accuracy": 0.123}}
+    with open(os.path.join(teacher, "sparsebert.json"), "w") as f:
+        json.dump(saved, f)
+    assert teacher_metrics(teacher, data) == {"eval_accuracy": 0.123}
+    other = DataOptions("sst2", sst2_dir, max_eval_samples=12)
+    measured = teacher_metrics(teacher, other)["eval_accuracy"]
+    assert measured == pytest.approx(_dev_accuracy(tiny_model_dir, sst2_dir, 12))
 
 
 def test_the_saved_model_is_the_trained_one(tiny_model_dir, sst2_dir, tmp_path):
