@@ -11,6 +11,8 @@
  *   i8_prepare              fbuf[k][lane] floats -> per-token scales + the int8 buffer
  *   i8_rows                 the rows of an INT8 matrix over a tile (int32 sums,
  *                           dequantised epilogue with bias and activation)
+ *   ATT_VEC, ATT_COPY, ATT_MAX_PV_ROWS, and QK_ROWS, QROWS, softmax_row, pv_rows_for,
+ *   pv_any, transpose8      the attention's vector width, vector copy, blocks (sb_attention)
  * (and kernels_common.h's scratch).
  */
 
