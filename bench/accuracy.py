@@ -7,6 +7,10 @@ Per task (SST-2, MRPC, STS-B, RTE; GLUE dev sets, full):
 * ``gmp-80/90``        : GMP*+KD from the teacher (``prune --recipe gmp``), budget scaled with
                          the target (``budget.scale=sparsity``: base steps x log(1-s)/log(0.5));
 * ``obert-80/90``      : oBERT+KD from the teacher, same budget (``prune --recipe obert``);
+* ``sparsegpt-gmp-80/90``: GMP*'s schedule with SparseGPT reconstruction at every pruning step
+                         +KD, same budget (``prune --recipe sparsegpt-gmp``);
+* ``sgpt-gmp-80/90``   : GMP*+KD started from one-shot SparseGPT at 70% (`obs_start`; and
+                         ``sgpt-sparsegpt-gmp-80/90``: SparseGPT-GMP*+KD from the same start);
 * ``oneshot-*``        : one-shot magnitude / Wanda / SparseGPT from the teacher at 50%, 70% and
                          2:4 (``oneshot``), 128 calibration examples of the task's training data;
 * on the first task only (``--learned-task``): GMP*+KD at 90% with layer-wise distillation
@@ -215,14 +219,16 @@ def targets(rows: list[dict]) -> list[str]:
         if d is None:
             continue
         for s, allowed in ((0.9, 2.0), (0.8, 1.0)):
-            best = [r for r in rows if r["task"] == task and r["method"] in (f"gmp-{int(s * 100)}",
-                                                                          f"obert-{int(s * 100)}")
-                    and r.get("value") is not None]
+            pct = int(s * 100)
+            arms = {f"{m}-{pct}" for m in ("gmp", "obert", "sparsegpt-gmp", "sgpt-gmp", "sgpt-sparsegpt-gmp")}
+            best = [r for r in rows
+                    if r["task"] == task and r["method"] in arms and r.get("value") is not None]
             if not best:
                 continue
             top = max(best, key=lambda r: r["value"])
             gap = 100 * (d - top["value"])
-            out.append(f"- {task} at {s:.0%}: best of GMP*/oBERT+KD is {top['method']} "
+            out.append(f"- {task} at {s:.0%}: best trained sparse arm (GMP*, oBERT, SparseGPT-GMP*, "
+                       f"from a SparseGPT start; all +KD) is {top['method']} "
                        f"{100 * top['value']:.2f} vs dense {100 * d:.2f}, {gap:.2f} points below "
                        f"(target within {allowed:g}): {'met' if gap <= allowed else 'not met'}.")
         one = [r for r in rows if r["task"] == task and r["method"].startswith("oneshot-")
@@ -319,10 +325,11 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
     b.add(task, "dense", 0.0, None, info)
     teacher = os.path.join(a.work, task, "dense")
     for s in (0.8, 0.9):
-        for recipe in ("gmp", "obert"):
+        for recipe in a.recipes:
             info = b.train(f"{recipe}-{int(s * 100)}", recipe, teacher, setup, a.base_steps, teacher=teacher,
                            overrides=(f"sparsity={s}", "budget.scale=sparsity"), lr=a.prune_lr)
             b.add(task, f"{recipe}-{int(s * 100)}", s, None, info)
+    obs_start(b, task, setup, teacher)
     for criterion in ONESHOT:
         for s, pattern in ONESHOT_TARGETS:
             name = f"oneshot-{criterion}-" + (pattern.replace(":", "of") if pattern else f"{int(s * 100)}")
@@ -382,6 +389,34 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
             b.add_peer(row)
 
 
+def obs_start(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None:
+    """Sparse training that starts from an OBS-reconstructed one-shot mask instead of the dense
+    teacher, with the same training budget and KD as the gradual arms:
+
+    * ``sgpt-gmp-80/90``: SparseGPT to 70% (the GMP* recipe's first step), then GMP*+KD from
+      there to the target; magnitude keeps SparseGPT's zeros at the first step (they are the
+      smallest weights) and continues from its reconstructed weights (``--obs-start-targets``);
+    * ``sgpt-sparsegpt-gmp-80/90``: the same start, then SparseGPT-GMP*+KD (every later step
+      a reconstruction too), with ``--obs-start-recipes gmp sparsegpt-gmp``;
+    * ``oneshot-sparsegpt`` at the same targets, untrained, for reference.
+    """
+    a = b.args
+    if not a.obs_start_targets:
+        return
+    start70 = os.path.join(a.work, task, "oneshot-sparsegpt-70")
+    if b.oneshot("oneshot-sparsegpt-70", teacher, setup, "sparsegpt", 0.7, None) is None:
+        return
+    for s in a.obs_start_targets:
+        pct = int(round(s * 100))
+        for recipe in a.obs_start_recipes:
+            name = f"sgpt-{recipe}-{pct}"
+            info = b.train(name, recipe, start70, setup, a.base_steps, teacher=teacher,
+                           overrides=(f"sparsity={s}", "budget.scale=sparsity"), lr=a.prune_lr)
+            b.add(task, name, s, None, info, start="oneshot-sparsegpt-70")
+        info = b.oneshot(f"oneshot-sparsegpt-{pct}", teacher, setup, "sparsegpt", s, None)
+        b.add(task, "oneshot-sparsegpt", s, None, info)
+
+
 def load_peer(out: str) -> dict | None:
     path = os.path.join(out, "peer.json")
     if os.path.isfile(path):
@@ -404,6 +439,12 @@ def main() -> None:
                    help="the 50%% budget; 80%% and 90%% get it scaled (budget.scale=sparsity)")
     p.add_argument("--prune-lr", type=float, default=8e-5)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--recipes", nargs="+", default=["gmp", "obert", "sparsegpt-gmp"],
+                   help="the gradual recipes run at 80%% and 90%% from the teacher")
+    p.add_argument("--obs-start-recipes", nargs="+", default=["gmp", "sparsegpt-gmp"],
+                   help="the gradual recipes run from one-shot SparseGPT 70%%")
+    p.add_argument("--obs-start-targets", nargs="*", type=float, default=[0.8, 0.9],
+                   help="targets of GMP*+KD started from one-shot SparseGPT 70%% (none: leave out)")
     p.add_argument("--note", action="append", default=[], help="a line for the md's notes (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rewrite md and png from the json")
     p.add_argument("--cached-only", action="store_true",

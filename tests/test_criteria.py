@@ -237,25 +237,11 @@ def test_two_process_obert_ranks_score_and_update_identically(tiny_model_dir, ss
     scores and the OBS-updated weights are bit-identical across ranks at every pruning step."""
     import json
     import os
-    import subprocess
-    import sys
 
-    out, digests = str(tmp_path / "ddp-obert"), tmp_path / "digests"
-    digests.mkdir()
-    here = os.path.dirname(__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OBERT_DIGEST_DIR": str(digests),
-           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-           "-m", "sparsebert.cli", "prune", "--plugin", "toy_obert_digest", "--recipe", "obert",
-           "--task", "sst2", "--data-dir", sst2_dir, "--model", tiny_model_dir, "--sparsity", "0.9",
-           "--set", "criterion=obert-digest", "--set", "criterion_options.block_size=16",
-           "--set", "schedule.start=0.2", "--set", "schedule.frequency=0.2", "--output-dir", out,
-           "--max_steps", "6", "--per_device_train_batch_size", "8", "--use_cpu", "true",
-           "--ddp_backend", "gloo", "--save_strategy", "no", "--max-eval-samples", "8"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [(digests / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    from ddp_digests import two_process_prune
+
+    out, lines = two_process_prune(tiny_model_dir, sst2_dir, tmp_path, "obert", 0.9,
+                                   ["criterion=obert-digest", "criterion_options.block_size=16"], 29547)
     assert lines[0] == lines[1]
     kinds = [line.split()[0] for line in lines[0]]
     assert kinds.count("scores") == kinds.count("updated") >= 3

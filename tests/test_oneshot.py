@@ -18,7 +18,12 @@ from sparsebert.cli import main as cli_main
 from sparsebert.errors import SparseBertError
 from sparsebert.oneshot import _capture, _run_layer, layer_stack, prune_oneshot
 from sparsebert.report import sparsity_report
-from sparsebert.sparsegpt import SparseGPTOptions, reconstruction_error, sparsegpt_prune_
+from sparsebert.sparsegpt import (
+    OneShotSparseGPTOptions,
+    SparseGPTOptions,
+    reconstruction_error,
+    sparsegpt_prune_,
+)
 from sparsebert.targets import select_targets
 
 
@@ -170,6 +175,55 @@ def test_wanda_oneshot_masks_are_per_row_topk_of_the_layer_inputs():
         assert bool(((p == 0).sum(1) == n_pruned(p.shape[1], 0.6)).all())
         if name in expected:
             assert torch.equal(p.detach() != 0, expected[name]), name
+
+
+def test_true_sequential_sparsegpt_takes_each_group_hessian_after_the_groups_before_it():
+    """In the first layer (its input, the embeddings, does not depend on pruning): Q/K/V are
+    pruned from the dense layer's inputs, and the FFN output from the inputs it receives once
+    every other linear of the layer is pruned; both recomputed here with the test's own hooks.
+    ``true_sequential=false`` takes every Hessian from the dense pass."""
+    dense = tiny_bert(hidden=32, intermediate=64, seed=5)
+    batches = _batches(seed=2)
+    prefix = layer_stack(dense)[0][0]
+    names = {k: f"{prefix}.{k}.weight" for k in ("attention.self.query", "attention.self.key",
+                                                  "attention.self.value", "attention.output.dense",
+                                                  "intermediate.dense", "output.dense")}
+
+    def inputs_of(model, name):
+        module, seen = model.get_submodule(name.rsplit(".", 1)[0]), []
+        handle = module.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+        with torch.no_grad():
+            for b in batches:
+                model(**{k: v for k, v in b.items() if k != "labels"})
+        handle.remove()
+        x = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches, strict=True)])
+        return 2 * x.T @ x / x.shape[0]
+
+    def direct(model, name, hessian):
+        w = model.get_parameter(name).detach().clone()
+        sparsegpt_prune_(w, hessian, 0.6, None, SparseGPTOptions())
+        return w
+
+    results = {}
+    for true_sequential in (True, False):
+        model = copy.deepcopy(dense)
+        prune_oneshot(model, batches, "sparsegpt", 0.6,
+                      options=OneShotSparseGPTOptions(true_sequential=true_sequential))
+        results[true_sequential] = model
+    query = direct(dense, names["attention.self.query"], inputs_of(dense, names["attention.self.query"]))
+    for model in results.values():
+        torch.testing.assert_close(model.get_parameter(names["attention.self.query"]).detach(), query)
+    # FFN output: true-sequential sees the layer with everything else pruned
+    partial = copy.deepcopy(dense)
+    for key, name in names.items():
+        if key != "output.dense":
+            partial.get_parameter(name).data.copy_(results[True].get_parameter(name).detach())
+    out_name = names["output.dense"]
+    torch.testing.assert_close(results[True].get_parameter(out_name).detach(),
+                               direct(dense, out_name, inputs_of(partial, out_name)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[False].get_parameter(out_name).detach(),
+                               direct(dense, out_name, inputs_of(dense, out_name)), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(results[True].get_parameter(out_name), results[False].get_parameter(out_name))
 
 
 def test_sparsegpt_and_obert_keep_the_outputs_closer_than_magnitude():

@@ -1,5 +1,6 @@
-"""oBERT that writes, per process, a digest of its scores and of its updated weights at every
-pruning step (to the folder in ``OBERT_DIGEST_DIR``): a distributed test compares the ranks."""
+"""oBERT (and gradual SparseGPT) that write, per process, a digest of their statistics and of
+the updated weights at every pruning step (to the folder in ``OBERT_DIGEST_DIR``): distributed
+tests compare the ranks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import torch
 
 from sparsebert.criteria import CRITERIA
+from sparsebert.gradual_sparsegpt import GradualSparseGPT
 from sparsebert.obert import OBert
 
 
@@ -42,3 +44,23 @@ class DigestOBert(OBert):
 
 
 CRITERIA.register("obert-digest", DigestOBert, replace=True)
+
+
+class DigestSparseGPT(GradualSparseGPT):
+    """Gradual SparseGPT that writes, per process, a digest of the Hessians it prunes from and
+    of the weights and masks it returns."""
+
+    name = "sparsegpt-digest"
+
+    def solve_masks(self, params, masks, sparsity, allocation, pattern):
+        hessians = {n: self._hooks.hessian(n) for n in params}
+        out = super().solve_masks(params, masks, sparsity, allocation, pattern)
+        path = os.path.join(os.environ["OBERT_DIGEST_DIR"], f"rank{os.environ.get('RANK', '0')}.txt")
+        with open(path, "a") as f:
+            f.write(f"hessians {sparsity:.4f} {_digest(hessians)}\n")
+            solved = {**dict(params), **{k + "#": v for k, v in out.items()}}
+            f.write(f"solved {sparsity:.4f} {_digest(solved)}\n")
+        return out
+
+
+CRITERIA.register("sparsegpt-digest", DigestSparseGPT, replace=True)

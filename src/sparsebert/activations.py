@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sparsebert.errors import SparseBertError
@@ -67,6 +68,16 @@ class MaskFromModelInputs:
         self._handles = []
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes of a distributed run (``t`` itself otherwise), so that
+    every rank prunes from the same statistics."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    moved = t.cuda() if dist.get_backend() == "nccl" and not t.is_cuda else t.clone()
+    dist.all_reduce(moved)
+    return moved.to(t.device)
+
+
 def linear_of(model: nn.Module, param_name: str, criterion: str) -> nn.Linear:
     """The `nn.Linear` whose ``weight`` is ``param_name`` (activation criteria score linears only)."""
     module_name, _, leaf = param_name.rpartition(".")
@@ -94,4 +105,4 @@ def linears_of(model: nn.Module, params: Mapping[str, nn.Parameter], criterion: 
     return out
 
 
-__all__ = ["MaskFromModelInputs", "linear_of", "linears_of", "token_mask", "tokens"]
+__all__ = ["MaskFromModelInputs", "all_reduce_sum", "linear_of", "linears_of", "token_mask", "tokens"]

@@ -19,9 +19,14 @@ registered in `CRITERIA`:
   steps before a pruning step it needs to observe; the gradual pruner skips the others) and
   ``updates_weights``.
 
+A criterion may instead choose the masks itself (``solve_masks(params, masks, sparsity,
+allocation, pattern)``, the new masks with the weights updated): SparseGPT, whose masks are
+made together with its reconstruction.
+
 Built in: ``magnitude`` (here), ``wanda`` (`sparsebert.wanda`), ``obert``
-(`sparsebert.obert`). SparseGPT is not a criterion but a one-shot layer-wise solver
-(`sparsebert.sparsegpt`, used by `sparsebert.oneshot`).
+(`sparsebert.obert`), ``sparsegpt`` in gradual recipes (`sparsebert.gradual_sparsegpt`; one-shot
+``sparsegpt`` is the sequential layer-wise solver `sparsebert.sparsegpt`, used by
+`sparsebert.oneshot`).
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ class Magnitude(Criterion):
         return {n: p.detach().abs().float() for n, p in params.items()}
 
 
-CRITERIA: Registry[type[Criterion]] = Registry("criterion", builtins=["sparsebert.wanda", "sparsebert.obert"])
+CRITERIA: Registry[type[Criterion]] = Registry(
+    "criterion", builtins=["sparsebert.wanda", "sparsebert.obert", "sparsebert.gradual_sparsegpt"]
+)
 CRITERIA.register("magnitude", Magnitude)
 
 

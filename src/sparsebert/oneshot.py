@@ -6,9 +6,12 @@ N:M pattern, with
 - ``sparsegpt`` (`sparsebert.sparsegpt`): layer-wise OBS reconstruction, sequential over the
   encoder layers: each layer's calibration inputs come from the already pruned layers
   before it; H = 2 X Xᵀ / tokens per linear (padding left out), shared by the linears that
-  read the same input (Q, K, V); every matrix gets the same sparsity;
-- any registered criterion (`sparsebert.criteria.CRITERIA`): ``magnitude`` (no data),
-  ``wanda`` (activations: layer-wise too, as in its reference, when the allocation is per
+  read the same input (Q, K, V); every matrix gets the same sparsity. Within a layer the
+  linears go in the order they run (``true_sequential``, the default): Q/K/V, then the
+  attention output from inputs through the pruned Q/K/V, and so on (one pass per group);
+- any other registered criterion (`sparsebert.criteria.CRITERIA`; its ``sparsegpt`` is the
+  gradual pruner's form of the solver, here the name means the solver above): ``magnitude``
+  (no data), ``wanda`` (activations: layer-wise too, as in its reference, when the allocation is per
   matrix or per row; its own allocation, ``per-row``, by default), ``obert`` (gradients:
   one per calibration example, then the OBS update), or a plugin's. The allocation defaults
   to the criterion's own, else ``uniform`` (one-shot methods prune every matrix alike);
@@ -35,16 +38,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsebert.activations import linears_of, token_mask, tokens
+from sparsebert.activations import linears_of, token_mask
 from sparsebert.allocation import ALLOCATIONS, check_pattern_shape, parse_pattern, pattern_sparsity
 from sparsebert.criteria import CRITERIA, Criterion, get_criterion
 from sparsebert.errors import SparseBertError, check_sparsity
-from sparsebert.sparsegpt import SparseGPTOptions, sparsegpt_prune_
+from sparsebert.sparsegpt import HessianHooks, OneShotSparseGPTOptions, sparsegpt_prune_
 from sparsebert.targets import _LAYER_STACK, select_targets
 
 logger = logging.getLogger("sparsebert")
 
-SOLVERS = {"sparsegpt": SparseGPTOptions}
+SOLVERS = {"sparsegpt": OneShotSparseGPTOptions}
 """One-shot methods that are not criteria (they reconstruct, layer by layer), with their options."""
 
 
@@ -205,44 +208,6 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Ten
     return out[0]
 
 
-class _HessianHooks:
-    """H = 2 X Xᵀ / tokens of every hooked linear's input; computed once per distinct input
-    tensor of a forward pass (Q, K and V read the same one)."""
-
-    def __init__(self, modules: Mapping[str, nn.Linear]):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            x = args[0]
-            hit = self._cache.get(id(x))
-            if hit is None or hit[0] is not x:
-                t = tokens(x)
-                hit = (x, t.T @ t, t.shape[0])
-                self._cache[id(x)] = hit
-            self.sums[name] = self.sums[name] + hit[1] if name in self.sums else hit[1].clone()
-            self.tokens[name] = self.tokens.get(name, 0) + hit[2]
-
-        return hook
-
-    def end_call(self) -> None:
-        self._cache.clear()
-
-    def hessian(self, name: str) -> torch.Tensor:
-        if not self.tokens.get(name):
-            raise SparseBertError(f"sparsegpt: no calibration tokens reached '{name}'")
-        return 2.0 * self.sums[name] / self.tokens[name]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._cache.clear()
-
-
 # -- pruning ----------------------------------------------------------------------------------------------
 def _prune_by_criterion(criterion: Criterion, params: dict[str, nn.Parameter], sparsity: float,
                         allocation: str, pattern: tuple[int, int] | None) -> None:
@@ -303,8 +268,9 @@ def prune_oneshot(
     ``batches``: calibration batches (model inputs; ``labels`` too for gradient criteria).
     ``sparsity``: exact fraction pruned (of each matrix, or of all targets with ``global``);
     with ``pattern`` N:M it defaults to 1 - N/M and may not differ. ``options``: the
-    criterion's ``Options`` (or `SparseGPTOptions`) instance. ``sequential``: activation-based
-    methods process the encoder layers one after the other on the pruned layers' outputs.
+    criterion's ``Options`` (or `OneShotSparseGPTOptions`) instance. ``sequential``:
+    activation-based methods process the encoder layers one after the other on the pruned
+    layers' outputs.
     """
     started = time.time()
     nm = parse_pattern(pattern, "--pattern")
@@ -383,6 +349,32 @@ def prune_oneshot(
 
 
 @torch.no_grad()
+def _groups_in_order(layer: nn.Module, modules: Mapping[str, nn.Linear], hidden: torch.Tensor,
+                     call: _Call) -> list[dict[str, nn.Linear]]:
+    """``modules`` grouped by the input they read, in the order the layer runs them (one
+    forward pass on one calibration batch): Q/K/V, attention output, FFN in, FFN out."""
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: order.append((n, args[0])))
+               for n, m in modules.items()]
+    try:
+        _run_layer(layer, hidden, call)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, dict[str, nn.Linear]]] = []
+    for name, x in order:
+        if any(name in g for _, g in groups):
+            continue  # a module run twice: its first place counts
+        same = next((g for inp, g in groups if inp is x), None)
+        if same is None:
+            groups.append((x, {name: modules[name]}))
+        else:
+            same[name] = modules[name]
+    missing = {n: m for n, m in modules.items() if not any(n in g for _, g in groups)}
+    return [g for _, g in groups] + ([missing] if missing else [])
+
+
+@torch.no_grad()
 def _prune_layerwise(model, layers, in_layers, params, batches, device, sparsity, nm, allocation,
                      solver, crit, options) -> int:
     first, calls = _capture(model, layers, batches, device)
@@ -393,19 +385,22 @@ def _prune_layerwise(model, layers, in_layers, params, batches, device, sparsity
         mine = {n: p for n, p in params.items() if in_layers[n] == index}
         if mine:
             if solver:
+                opts = options or OneShotSparseGPTOptions()
                 modules = linears_of(model, mine, solver)
-                hooks = _HessianHooks(modules)
-                try:
-                    for h, call in zip(hidden, calls[index], strict=True):
-                        _run_layer(layer, h, call)
-                        hooks.end_call()
-                        passes += 1
-                finally:
-                    hooks.remove()
-                for name, module in modules.items():
-                    sparsegpt_prune_(module.weight.data, hooks.hessian(name), sparsity, nm,
-                                     options or SparseGPTOptions())
-                del hooks
+                groups = (_groups_in_order(layer, modules, hidden[0], calls[index][0])
+                          if opts.true_sequential else [modules])
+                for group in groups:
+                    hooks = HessianHooks(group)
+                    try:
+                        for h, call in zip(hidden, calls[index], strict=True):
+                            _run_layer(layer, h, call)
+                            hooks.end_call()
+                            passes += 1
+                    finally:
+                        hooks.remove()
+                    for name, module in group.items():
+                        sparsegpt_prune_(module.weight.data, hooks.hessian(name), sparsity, nm, opts)
+                    del hooks
             else:
                 crit.attach(model, mine)
                 try:

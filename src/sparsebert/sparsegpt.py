@@ -15,14 +15,23 @@ Counts are exact: block b prunes round(s·R·c_b) - round(s·R·c_{b-1}) weights
 columns up to the end of block b), so the layer prunes exactly round(s·R·C). With a pattern
 N:M, every group of M consecutive columns keeps, in every row, the N weights with the
 largest w²/U_jj² at the time the group is reached.
+
+With ``pruned`` (the weights an earlier pruning step removed; gradual use, see
+`sparsebert.gradual_sparsegpt`) those weights are dropped first in their block (they are zero,
+but the OBS updates of earlier columns would otherwise move them off zero and revive them),
+and each block prunes at least them: the layer prunes round(s·R·C) weights, or more where a
+block already holds more pruned weights than its share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from sparsebert.activations import all_reduce_sum, tokens
 from sparsebert.allocation import check_pattern_shape, n_pruned
 from sparsebert.errors import SparseBertError, check_sparsity
 
@@ -42,6 +51,24 @@ class SparseGPTOptions:
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or self.damp < 0:
             raise SparseBertError(f"sparsegpt option damp must be a number >= 0, got {self.damp!r}")
         self.damp = float(self.damp)
+
+
+@dataclass
+class OneShotSparseGPTOptions(SparseGPTOptions):
+    """One-shot SparseGPT's settings. ``true_sequential`` (the reference's ``--true-sequential``):
+    within each encoder layer the linears are pruned in the order they run (Q/K/V together,
+    attention output, FFN in, FFN out), each group's Hessian taken from inputs that went
+    through the groups pruned before it; off: every linear of a layer from the layer's
+    unpruned pass (one pass per layer instead of one per group)."""
+
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.true_sequential, bool):
+            raise SparseBertError(
+                f"sparsegpt option true_sequential must be true or false, got {self.true_sequential!r}"
+            )
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -71,9 +98,11 @@ def sparsegpt_prune_(
     sparsity: float,
     pattern: tuple[int, int] | None = None,
     options: SparseGPTOptions | None = None,
+    pruned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prune ``weight`` (rows x columns, in place) with SparseGPT given ``hessian`` (columns x
-    columns, e.g. 2 X Xᵀ / tokens); return the mask (True = kept)."""
+    columns, e.g. 2 X Xᵀ / tokens); return the mask (True = kept). ``pruned`` (rows x
+    columns, True = already pruned) stay pruned."""
     opts = options or SparseGPTOptions()
     check_sparsity(sparsity)
     rows, cols = weight.shape
@@ -84,10 +113,15 @@ def sparsegpt_prune_(
             raise SparseBertError(f"sparsegpt block_size {opts.block_size} is not a multiple of M = {m}")
     if hessian.shape != (cols, cols):
         raise SparseBertError(f"hessian has shape {tuple(hessian.shape)}, expected {(cols, cols)}")
+    if pruned is not None and pruned.shape != weight.shape:
+        raise SparseBertError(f"pruned has shape {tuple(pruned.shape)}, expected {tuple(weight.shape)}")
+    if pruned is not None and pattern is not None:
+        raise SparseBertError("sparsegpt: an N:M pattern on top of earlier pruned weights is not supported")
     # transposed (columns x rows): column j of W is the contiguous row j here
     wt = weight.detach().float().t().contiguous()
     upper = _inverse_cholesky(hessian, opts.damp).float()
     keep = torch.ones(cols, rows, dtype=torch.bool, device=wt.device)
+    before = None if pruned is None else pruned.t().to(device=wt.device, dtype=torch.bool)
     total = rows * cols
     for i1 in range(0, cols, opts.block_size):
         i2 = min(i1 + opts.block_size, cols)
@@ -98,8 +132,12 @@ def sparsegpt_prune_(
         keep1 = keep[i1:i2]
         if pattern is None:
             k = n_pruned(total, sparsity * i2 / cols) - n_pruned(total, sparsity * i1 / cols)
+            score = (w1.pow(2) / d1.pow(2)).reshape(-1)
+            if before is not None:
+                gone = before[i1:i2].reshape(-1)
+                score = score.masked_fill(gone, float("-inf"))
+                k = max(k, int(gone.sum()))
             if k > 0:
-                score = (w1.pow(2) / d1.pow(2)).reshape(-1)
                 keep1.view(-1)[torch.topk(score, k, largest=False, sorted=False).indices] = False
         scale = (~keep1).float() / d1  # e_j = w_j (pruned part) / U_jj
         err1 = torch.empty_like(w1)
@@ -119,9 +157,62 @@ def sparsegpt_prune_(
     return mask
 
 
+class HessianHooks:
+    """H = 2 X Xᵀ / tokens of every hooked linear's input (padding left out); computed once per
+    distinct input tensor of a forward pass (Q, K and V read the same one). With ``model``
+    given, the per-forward cache is cleared after each of its forward passes (training use);
+    otherwise call `end_call`. Nothing is accumulated while ``active`` is False."""
+
+    def __init__(self, modules: Mapping[str, nn.Linear], model: nn.Module | None = None):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.active = True
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+        if model is not None:
+            self._handles.append(model.register_forward_hook(lambda *_: self.end_call(), always_call=True))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if not self.active:
+                return
+            x = args[0]
+            hit = self._cache.get(id(x))
+            if hit is None or hit[0] is not x:
+                t = tokens(x)
+                hit = (x, t.T @ t, t.shape[0])
+                self._cache[id(x)] = hit
+            self.sums[name] = self.sums[name] + hit[1] if name in self.sums else hit[1].clone()
+            self.tokens[name] = self.tokens.get(name, 0) + hit[2]
+
+        return hook
+
+    def end_call(self) -> None:
+        self._cache.clear()
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """2 X Xᵀ / tokens over everything seen (summed over the processes of a distributed run)."""
+        count = all_reduce_sum(torch.tensor([float(self.tokens.get(name, 0))], dtype=torch.float64))
+        if not float(count):
+            raise SparseBertError(f"sparsegpt: no calibration tokens reached '{name}'")
+        return 2.0 * all_reduce_sum(self.sums[name]) / float(count)
+
+    def reset(self) -> None:
+        """Start new statistics (the weights, and so the inputs, have moved)."""
+        self.sums, self.tokens = {}, {}
+        self._cache.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._cache.clear()
+
+
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
     """||W X - Ŵ X||² for inputs ``x`` (tokens x features)."""
     return float((x.float() @ (weight.float() - pruned.float()).T).pow(2).sum())
 
 
-__all__ = ["SparseGPTOptions", "reconstruction_error", "sparsegpt_prune_"]
+__all__ = ["HessianHooks", "OneShotSparseGPTOptions", "SparseGPTOptions", "reconstruction_error",
+           "sparsegpt_prune_"]

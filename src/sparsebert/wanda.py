@@ -18,20 +18,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from sparsebert.activations import MaskFromModelInputs, linears_of, tokens
+from sparsebert.activations import MaskFromModelInputs, all_reduce_sum, linears_of, tokens
 from sparsebert.criteria import CRITERIA, Criterion
 from sparsebert.errors import SparseBertError
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    moved = t.cuda() if dist.get_backend() == "nccl" and not t.is_cuda else t.clone()
-    dist.all_reduce(moved)
-    return moved.to(t.device)
 
 
 class Wanda(Criterion):
@@ -82,7 +73,7 @@ class Wanda(Criterion):
                 f"criterion wanda has seen no input of '{name}' yet: it needs forward passes "
                 "(calibration batches, or training steps before the first pruning step) after attach"
             )
-        return _all_reduce_sum(self.sq[name]).sqrt()
+        return all_reduce_sum(self.sq[name]).sqrt()
 
     def scores(self, params, masks):
         out = {}

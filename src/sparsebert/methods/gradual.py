@@ -13,8 +13,10 @@ exactly N:M.
 
 A criterion that observes (activations, gradients) needs observations before its first
 pruning step, so its recipe needs ``schedule.start > 0``; a criterion with an
-``observation_window`` (oBERT's ``num_grads``) is given the gradients of only that many
-optimizer steps before each pruning step.
+``observation_window`` (oBERT's ``num_grads``, SparseGPT's ``calibration_steps``) is given the
+gradients, or (through its ``observe`` switch) the forward passes, of only that many optimizer
+steps before each pruning step. A criterion with ``solve_masks`` (SparseGPT) chooses the masks
+itself, with its weight update, instead of being ranked by the allocation.
 
 `GradualPruning` is the method ``gmp`` (with ``criterion:`` any registered criterion)
 driven by the trainer through the `PruningMethod` hooks.
@@ -69,8 +71,12 @@ class GradualPruner:
 
     def prune_to(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Prune (exactly, by count) to ``sparsity`` by the criterion."""
-        new = masks_from_scores(ranked_scores(self.masks, self.criterion), sparsity, self.allocation,
-                                pattern=self.pattern)
+        solve = getattr(self.criterion, "solve_masks", None)
+        if solve is not None:  # a solver (SparseGPT) chooses masks and updates weights together
+            new = solve(self.masks.params, self.masks.masks, sparsity, self.allocation, self.pattern)
+        else:
+            new = masks_from_scores(ranked_scores(self.masks, self.criterion), sparsity, self.allocation,
+                                    pattern=self.pattern)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             for name in sorted(new):
@@ -123,7 +129,11 @@ class GradualPruning(FixedMaskMethod):
 
     @classmethod
     def validate_recipe(cls, recipe: Recipe, source: str) -> None:
-        needs = CRITERIA.get(recipe.criterion).needs
+        criterion = CRITERIA.get(recipe.criterion)
+        check = getattr(criterion, "validate_recipe", None)
+        if check is not None:  # what the criterion itself cannot do (SparseGPT: uniform, no N:M)
+            check(recipe, source)
+        needs = criterion.needs
         if needs and recipe.schedule.start <= 0.0:
             raise SparseBertError(
                 f"{source}: criterion {recipe.criterion} needs {' and '.join(sorted(needs))} observed "
@@ -152,7 +162,16 @@ class GradualPruning(FixedMaskMethod):
 
     def on_step_begin(self, step, total_steps, optimizer) -> dict | None:
         self._step, self._total = step, total_steps
-        if self.pruner.maybe_prune(step, total_steps, optimizer):
+        pruned = self.pruner.maybe_prune(step, total_steps, optimizer)
+        criterion = self.pruner.criterion
+        observe = getattr(criterion, "observe", None)
+        if observe is not None:
+            # an activation criterion with a window sees only the forward passes of the
+            # `observation_window` steps before the next pruning step
+            upcoming = self._next_pruning_step(step, total_steps)
+            window = criterion.observation_window
+            observe(upcoming is not None and (window is None or upcoming - step <= window))
+        if pruned:
             return {"pruned_to_sparsity": self.pruner.current_sparsity}
         return None
 
