@@ -13,7 +13,9 @@ Per task (SST-2, MRPC, STS-B, RTE; GLUE dev sets, full):
                          ``sgpt-sparsegpt-gmp-80/90``: SparseGPT-GMP*+KD from the same start);
 * ``oneshot-*``        : one-shot magnitude / Wanda / SparseGPT from the teacher at 50%, 70% and
                          2:4 (``oneshot``), 128 calibration examples of the task's training data;
-* on the first task only (``--learned-task``): GMP*+KD at 90% with layer-wise distillation
+* on the first task only (``--learned-task``): one-shot SparseGPT with ``true_sequential`` at
+  every one-shot target and 80/90%, and GMP*+KD from its 70% model (``sgpt-ts-gmp``); GMP*+KD
+  at 90% with layer-wise distillation
   added (hidden states and attention maps, ``gmp-90-layer-kd``); the learned-mask methods at
   90% (movement, soft movement, SMP-L, mask training) with the same scaled budget and KD from
   the teacher, each with its shipped recipe and one variant of its score init (``VARIANT``);
@@ -139,12 +141,13 @@ class Bench:
         return self.cached(setup.task, name, run)
 
     def oneshot(self, name: str, model: str, setup: TaskSetup, criterion: str, sparsity: float | None,
-                pattern: str | None) -> dict | None:
+                pattern: str | None, options=None) -> dict | None:
         from sparsebert.oneshot import run_oneshot
 
         def run(out: str) -> None:
             run_oneshot(model, DataOptions(setup.task, self.args.data_dir, None, None, setup.max_seq_length),
-                        criterion, out, sparsity=sparsity, pattern=pattern, overwrite=os.path.isdir(out))
+                        criterion, out, sparsity=sparsity, pattern=pattern, options=options,
+                        overwrite=os.path.isdir(out))
 
         return self.cached(setup.task, name, run)
 
@@ -220,7 +223,8 @@ def targets(rows: list[dict]) -> list[str]:
             continue
         for s, allowed in ((0.9, 2.0), (0.8, 1.0)):
             pct = int(s * 100)
-            arms = {f"{m}-{pct}" for m in ("gmp", "obert", "sparsegpt-gmp", "sgpt-gmp", "sgpt-sparsegpt-gmp")}
+            arms = {f"{m}-{pct}" for m in ("gmp", "obert", "sparsegpt-gmp", "sgpt-gmp", "sgpt-sparsegpt-gmp",
+                                           "sgpt-ts-gmp")}
             best = [r for r in rows
                     if r["task"] == task and r["method"] in arms and r.get("value") is not None]
             if not best:
@@ -337,6 +341,7 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
             b.add(task, f"oneshot-{criterion}", 0.5 if pattern else s, pattern, info)
     if not with_learned:
         return
+    true_sequential(b, task, setup, teacher)
     # layer-wise distillation (hidden states + attention maps, one to one) on top of logit KD
     info = b.train("gmp-90-layer-kd", "gmp", teacher, setup, a.base_steps, teacher=teacher,
                    overrides=("sparsity=0.9", "budget.scale=sparsity", "distillation.hidden=1.0",
@@ -415,6 +420,27 @@ def obs_start(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None:
             b.add(task, name, s, None, info, start="oneshot-sparsegpt-70")
         info = b.oneshot(f"oneshot-sparsegpt-{pct}", teacher, setup, "sparsegpt", s, None)
         b.add(task, "oneshot-sparsegpt", s, None, info)
+
+
+def true_sequential(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None:
+    """One-shot SparseGPT with ``true_sequential`` (the linears of a layer pruned in the order
+    they run, each from inputs through the ones pruned before it) at every one-shot target and
+    80/90%, and GMP*+KD started from its 70% model (``sgpt-ts-gmp``): the evidence for the
+    option's default."""
+    from sparsebert.sparsegpt import OneShotSparseGPTOptions
+
+    a = b.args
+    ts = OneShotSparseGPTOptions(true_sequential=True)
+    for s, pattern in (*ONESHOT_TARGETS, (0.8, None), (0.9, None)):
+        name = "oneshot-sparsegpt-ts-" + (pattern.replace(":", "of") if pattern else f"{int(s * 100)}")
+        info = b.oneshot(name, teacher, setup, "sparsegpt", s, pattern, options=ts)
+        b.add(task, "oneshot-sparsegpt-true-seq", 0.5 if pattern else s, pattern, info)
+    start70 = os.path.join(a.work, task, "oneshot-sparsegpt-ts-70")
+    for s in a.obs_start_targets:
+        pct = int(round(s * 100))
+        info = b.train(f"sgpt-ts-gmp-{pct}", "gmp", start70, setup, a.base_steps, teacher=teacher,
+                       overrides=(f"sparsity={s}", "budget.scale=sparsity"), lr=a.prune_lr)
+        b.add(task, f"sgpt-ts-gmp-{pct}", s, None, info, start="oneshot-sparsegpt-ts-70")
 
 
 def load_peer(out: str) -> dict | None:

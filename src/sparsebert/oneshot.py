@@ -6,8 +6,8 @@ N:M pattern, with
 - ``sparsegpt`` (`sparsebert.sparsegpt`): layer-wise OBS reconstruction, sequential over the
   encoder layers: each layer's calibration inputs come from the already pruned layers
   before it; H = 2 X Xᵀ / tokens per linear (padding left out), shared by the linears that
-  read the same input (Q, K, V); every matrix gets the same sparsity. Within a layer the
-  linears go in the order they run (``true_sequential``, the default): Q/K/V, then the
+  read the same input (Q, K, V); every matrix gets the same sparsity. With the option
+  ``true_sequential`` the linears of a layer go in the order they run: Q/K/V, then the
   attention output from inputs through the pruned Q/K/V, and so on (one pass per group);
 - any other registered criterion (`sparsebert.criteria.CRITERIA`; its ``sparsegpt`` is the
   gradual pruner's form of the solver, here the name means the solver above): ``magnitude``
