@@ -51,10 +51,10 @@ def test_sparsegpt_keeps_earlier_pruned_weights_pruned_and_reconstructs_better_t
 
 
 class Toy(nn.Module):
-    def __init__(self):
+    def __init__(self, wide: int = 24):
         super().__init__()
-        self.a = nn.Linear(16, 24)
-        self.b = nn.Linear(24, 8)
+        self.a = nn.Linear(16, wide)
+        self.b = nn.Linear(wide, 8)
 
     def forward(self, x, attention_mask=None):
         return self.b(torch.relu(self.a(x)))
@@ -131,6 +131,24 @@ def test_sparsegpt_recipe_rules():
         criterion.solve_masks(params, method.masks.masks, 0.5, "uniform", (2, 4))
     with pytest.raises(SparseBertError, match="not by scores"):
         criterion.scores(params, {})
+
+
+def test_a_pruning_step_without_observed_inputs_is_magnitude_pruning(caplog):
+    """A run resumed exactly at a pruning step has seen no inputs: that step prunes by
+    magnitude (SparseGPT with H = I), kept weights untouched, instead of failing."""
+    torch.manual_seed(1)
+    model = Toy(wide=300)  # b has more columns than one SparseGPT block
+    params = {"a.weight": model.a.weight, "b.weight": model.b.weight}
+    method = GradualPruning(model, params, load_recipe("sparsegpt-gmp"))
+    method.on_train_begin()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with caplog.at_level("WARNING", logger="sparsebert"):
+        method.pruner.prune_to(0.6)
+    assert "pruning it by magnitude" in caplog.text
+    expected = masks_from_scores({n: w.abs() for n, w in before.items()}, 0.6, "uniform")
+    for name, p in params.items():
+        assert torch.equal(method.masks.masks[name], expected[name])
+        torch.testing.assert_close(p.detach(), before[name] * expected[name])
 
 
 def test_sparsegpt_gmp_from_the_cli(tiny_model_dir, sst2_dir, tmp_path, capsys):

@@ -27,6 +27,8 @@ in x in float32 matrix per distinct linear input (MiniLM: 12 MB per layer; bert-
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,6 +39,9 @@ from sparsebert.activations import MaskFromModelInputs, linears_of
 from sparsebert.criteria import CRITERIA, Criterion
 from sparsebert.errors import SparseBertError
 from sparsebert.sparsegpt import HessianHooks, SparseGPTOptions, sparsegpt_prune_
+
+logger = logging.getLogger("sparsebert")
+
 
 _UNIFORM = "criterion sparsegpt prunes every matrix to the same sparsity: set allocation: uniform"
 _NO_PATTERN = ("criterion sparsegpt does not prune to an N:M pattern gradually: use `sparsebert oneshot "
@@ -127,7 +132,17 @@ class GradualSparseGPT(Criterion):
             raise SparseBertError("criterion sparsegpt: attach it to the model before pruning")
         out = {}
         for name, p in params.items():
-            out[name] = sparsegpt_prune_(p.data, self._hooks.hessian(name), sparsity, None, self.options,
+            options = self.options
+            if self._hooks.observed(name):
+                hessian = self._hooks.hessian(name)
+            else:
+                # nothing observed: a run resumed at this very step. H = I makes SparseGPT
+                # magnitude pruning without an update, instead of failing the resumed run
+                logger.warning("sparsegpt: no inputs of '%s' seen before this pruning step (resumed "
+                               "run?): pruning it by magnitude this step", name)
+                hessian = torch.eye(p.shape[1], dtype=torch.float32, device=p.device)
+                options = dataclasses.replace(options, block_size=p.shape[1])  # one block: whole-matrix top-k
+            out[name] = sparsegpt_prune_(p.data, hessian, sparsity, None, options,
                                          pruned=~masks[name].to(p.device))
         self._hooks.reset()
         return out

@@ -170,6 +170,7 @@ class HessianHooks:
         self.tokens: dict[str, int] = {}
         self.active = True
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._modules = dict(modules)
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
         if model is not None:
             self._handles.append(model.register_forward_hook(lambda *_: self.end_call(), always_call=True))
@@ -192,12 +193,20 @@ class HessianHooks:
     def end_call(self) -> None:
         self._cache.clear()
 
+    def observed(self, name: str) -> int:
+        """Tokens seen by ``name`` (summed over the processes of a distributed run)."""
+        return int(all_reduce_sum(torch.tensor([float(self.tokens.get(name, 0))], dtype=torch.float64)))
+
     def hessian(self, name: str) -> torch.Tensor:
         """2 X Xᵀ / tokens over everything seen (summed over the processes of a distributed run)."""
-        count = all_reduce_sum(torch.tensor([float(self.tokens.get(name, 0))], dtype=torch.float64))
-        if not float(count):
+        count = self.observed(name)
+        if not count:
             raise SparseBertError(f"sparsegpt: no calibration tokens reached '{name}'")
-        return 2.0 * all_reduce_sum(self.sums[name]) / float(count)
+        mine = self.sums.get(name)
+        if mine is None:  # this process saw none of the tokens the others saw
+            n = self._modules[name].in_features
+            mine = torch.zeros(n, n, device=self._modules[name].weight.device)
+        return 2.0 * all_reduce_sum(mine) / float(count)
 
     def reset(self) -> None:
         """Start new statistics (the weights, and so the inputs, have moved)."""
