@@ -63,6 +63,11 @@ VARIANT = {
 for mask training, score LR) where the recipe departs from it, and for SMP-L, whose recipe
 keeps the paper's zeros, the magnitude init the others moved to."""
 ONESHOT = ("magnitude", "wanda", "sparsegpt")
+OTHER_METRICS = ("accuracy", "f1", "spearmanr")
+"""Reported beside the main metric (MRPC: accuracy beside F1, STS-B: Spearman beside Pearson)."""
+CHANCE = {"sst2": "majority class 50.92% accuracy", "mrpc": "all-positive F1 81.22 (accuracy 68.38%)",
+          "rte": "majority class 52.71% accuracy", "stsb": "Pearson 0"}
+"""What a model that learned nothing scores on each dev set (counted from the dev labels)."""
 ONESHOT_TARGETS = ((0.5, None), (0.7, None), (None, "2:4"))
 
 
@@ -158,12 +163,14 @@ class Bench:
         metric = get_task(task).main_metric
         metrics = info["metrics"]
         value = metrics.get(f"eval_{metric}", metrics.get(metric))
+        others = {k.removeprefix("eval_"): round(float(v), 4) for k, v in metrics.items()
+                  if k.removeprefix("eval_") in OTHER_METRICS and k.removeprefix("eval_") != metric}
         self.rows.append({
             "task": task, "method": method, "target_sparsity": target,
             "measured_sparsity": round(info["sparsity"]["target_sparsity"], 6), "pattern": pattern,
             "metric": metric, "value": None if value is None else round(float(value), 4),
             "train_steps": info.get("train_steps", 0), "wall_seconds": round(info["wall_seconds"], 1),
-            **extra,
+            **({"other_metrics": others} if others else {}), **extra,
         })
         self.write()
 
@@ -266,8 +273,9 @@ def markdown(rows: list[dict], meta: dict, notes: list[str]) -> str:
              f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}. "
              "Produced by `bench/accuracy.py`; values are the task's GLUE dev metric in percent "
              "(SST-2, RTE: accuracy; MRPC: F1; STS-B: Pearson x 100).", "",
-             "| task | method | target | pattern | measured | metric | value | vs dense | steps | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| task | method | target | pattern | measured | metric | value | vs dense | other | steps "
+             "| wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = dense_value(rows, r["task"])
         v = r.get("value")
@@ -276,9 +284,13 @@ def markdown(rows: list[dict], meta: dict, notes: list[str]) -> str:
         val = r.get("error", "?")[:60] if v is None else f"{100 * v:.2f}"
         delta = "-" if v is None or d is None or r["method"] == "dense" else f"{100 * (v - d):+.2f}"
         method = r["method"] + (" (peer)" if r.get("peer") else "")
+        other = ", ".join(f"{k} {100 * v:.2f}" for k, v in (r.get("other_metrics") or {}).items()) or "-"
         lines.append(f"| {r['task']} | {method} | {target} | {r.get('pattern') or '-'} | {measured} | "
-                     f"{r['metric']} | {val} | {delta} | {r.get('train_steps') or 0} | "
+                     f"{r['metric']} | {val} | {delta} | {other} | {r.get('train_steps') or 0} | "
                      f"{r.get('wall_seconds') or 0:.0f} |")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lines += ["", "What learning nothing scores on each dev set: "
+              + "; ".join(f"{t} {CHANCE[t]}" for t in tasks if t in CHANCE) + "."]
     lines += ["", "## Targets", ""] + targets(rows)
     lines += ["", "## Setup", "", "```json", json.dumps(meta, indent=2), "```", ""]
     if notes:
@@ -295,7 +307,9 @@ def plot(rows: list[dict], path: str) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+    most = max(len({r["method"] for r in rows if r["task"] == t}) for t in tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4 + 0.11 * most), squeeze=False)
+    styles = [(c, m) for m in ("o", "s", "^", "D") for c in plt.get_cmap("tab10").colors]
     for ax, task in zip(axes[0], tasks, strict=True):
         sel = [r for r in rows if r["task"] == task and r.get("value") is not None]
         d = dense_value(rows, task)
@@ -310,13 +324,14 @@ def plot(rows: list[dict], path: str) -> None:
             fam += " (peer)" if r.get("peer") else ""
             x = r["measured_sparsity"] if r.get("measured_sparsity") is not None else r["target_sparsity"]
             families.setdefault(fam, []).append((100 * x, 100 * r["value"]))
-        for fam, pts in sorted(families.items()):
+        for (fam, pts), (color, marker) in zip(sorted(families.items()), styles, strict=False):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1, label=fam)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, ms=4, lw=1,
+                    label=fam)
         ax.set_title(task)
         ax.set_xlabel("encoder-linear sparsity (%)")
         ax.set_ylabel(sel[0]["metric"] if sel else "")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
