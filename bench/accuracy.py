@@ -145,6 +145,14 @@ class Bench:
 
         return self.cached(setup.task, name, run)
 
+    def gradual(self, name: str, recipe: str, start: str, setup: TaskSetup, sparsity: float, teacher: str,
+                extra: tuple[str, ...] = ()) -> dict | None:
+        """A gradual arm: ``recipe`` from ``start`` to ``sparsity`` with the scaled budget of
+        ``--base-steps``, KD from ``teacher`` and the shared pruning LR."""
+        return self.train(name, recipe, start, setup, self.args.base_steps, teacher=teacher,
+                          overrides=(f"sparsity={sparsity}", "budget.scale=sparsity", *extra),
+                          lr=self.args.prune_lr)
+
     def oneshot(self, name: str, model: str, setup: TaskSetup, criterion: str, sparsity: float | None,
                 pattern: str | None, options=None) -> dict | None:
         from sparsebert.oneshot import run_oneshot
@@ -337,6 +345,11 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def oneshot_name(prefix: str, sparsity: float, pattern: str | None) -> str:
+    """The work folder of a one-shot arm: ``prefix-50``, ``prefix-2of4``."""
+    return f"{prefix}-" + (pattern.replace(":", "of") if pattern else f"{int(sparsity * 100)}")
+
+
 def run_task(b: Bench, task: str, with_learned: bool) -> None:
     a = b.args
     setup = TASKS[task]
@@ -345,22 +358,20 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
     teacher = os.path.join(a.work, task, "dense")
     for s in (0.8, 0.9):
         for recipe in a.recipes:
-            info = b.train(f"{recipe}-{int(s * 100)}", recipe, teacher, setup, a.base_steps, teacher=teacher,
-                           overrides=(f"sparsity={s}", "budget.scale=sparsity"), lr=a.prune_lr)
+            info = b.gradual(f"{recipe}-{int(s * 100)}", recipe, teacher, setup, s, teacher)
             b.add(task, f"{recipe}-{int(s * 100)}", s, None, info)
     obs_start(b, task, setup, teacher)
     for criterion in ONESHOT:
         for s, pattern in ONESHOT_TARGETS:
-            name = f"oneshot-{criterion}-" + (pattern.replace(":", "of") if pattern else f"{int(s * 100)}")
-            info = b.oneshot(name, teacher, setup, criterion, s, pattern)
+            info = b.oneshot(oneshot_name(f"oneshot-{criterion}", s, pattern), teacher, setup, criterion, s,
+                             pattern)
             b.add(task, f"oneshot-{criterion}", 0.5 if pattern else s, pattern, info)
     if not with_learned:
         return
     true_sequential(b, task, setup, teacher)
     # layer-wise distillation (hidden states + attention maps, one to one) on top of logit KD
-    info = b.train("gmp-90-layer-kd", "gmp", teacher, setup, a.base_steps, teacher=teacher,
-                   overrides=("sparsity=0.9", "budget.scale=sparsity", "distillation.hidden=1.0",
-                              "distillation.attention=1.0"), lr=a.prune_lr)
+    info = b.gradual("gmp-90-layer-kd", "gmp", teacher, setup, 0.9, teacher,
+                     extra=("distillation.hidden=1.0", "distillation.attention=1.0"))
     b.add(task, "gmp-90-layer-kd", 0.9, None, info)
     steps90 = scaled_steps(a.base_steps, 0.9)
     for method in LEARNED:
@@ -430,8 +441,7 @@ def obs_start(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None:
         pct = int(round(s * 100))
         for recipe in a.obs_start_recipes:
             name = f"sgpt-{recipe}-{pct}"
-            info = b.train(name, recipe, start70, setup, a.base_steps, teacher=teacher,
-                           overrides=(f"sparsity={s}", "budget.scale=sparsity"), lr=a.prune_lr)
+            info = b.gradual(name, recipe, start70, setup, s, teacher)
             b.add(task, name, s, None, info, start="oneshot-sparsegpt-70")
         info = b.oneshot(f"oneshot-sparsegpt-{pct}", teacher, setup, "sparsegpt", s, None)
         b.add(task, "oneshot-sparsegpt", s, None, info)
@@ -447,14 +457,13 @@ def true_sequential(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None
     a = b.args
     ts = OneShotSparseGPTOptions(true_sequential=True)
     for s, pattern in (*ONESHOT_TARGETS, (0.8, None), (0.9, None)):
-        name = "oneshot-sparsegpt-ts-" + (pattern.replace(":", "of") if pattern else f"{int(s * 100)}")
-        info = b.oneshot(name, teacher, setup, "sparsegpt", s, pattern, options=ts)
+        info = b.oneshot(oneshot_name("oneshot-sparsegpt-ts", s, pattern), teacher, setup, "sparsegpt", s,
+                         pattern, options=ts)
         b.add(task, "oneshot-sparsegpt-true-seq", 0.5 if pattern else s, pattern, info)
     start70 = os.path.join(a.work, task, "oneshot-sparsegpt-ts-70")
     for s in a.obs_start_targets:
         pct = int(round(s * 100))
-        info = b.train(f"sgpt-ts-gmp-{pct}", "gmp", start70, setup, a.base_steps, teacher=teacher,
-                       overrides=(f"sparsity={s}", "budget.scale=sparsity"), lr=a.prune_lr)
+        info = b.gradual(f"sgpt-ts-gmp-{pct}", "gmp", start70, setup, s, teacher)
         b.add(task, f"sgpt-ts-gmp-{pct}", s, None, info, start="oneshot-sparsegpt-ts-70")
 
 

@@ -135,8 +135,9 @@ class GradualSparseGPT(Criterion):
         out = {}
         for name, p in params.items():
             options = self.options
-            if self._hooks.observed(name):
-                hessian = self._hooks.hessian(name)
+            count = self._hooks.observed(name)
+            if count:
+                hessian = self._hooks.hessian(name, count)
             else:
                 # nothing observed: a run resumed at this very step. H = I makes SparseGPT
                 # magnitude pruning without an update, instead of failing the resumed run

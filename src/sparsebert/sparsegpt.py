@@ -197,9 +197,10 @@ class HessianHooks:
         """Tokens seen by ``name`` (summed over the processes of a distributed run)."""
         return int(all_reduce_sum(torch.tensor([float(self.tokens.get(name, 0))], dtype=torch.float64)))
 
-    def hessian(self, name: str) -> torch.Tensor:
-        """2 X Xᵀ / tokens over everything seen (summed over the processes of a distributed run)."""
-        count = self.observed(name)
+    def hessian(self, name: str, count: int | None = None) -> torch.Tensor:
+        """2 X Xᵀ / tokens over everything seen (summed over the processes of a distributed run);
+        ``count``: `observed` already taken by the caller."""
+        count = self.observed(name) if count is None else count
         if not count:
             raise SparseBertError(f"sparsegpt: no calibration tokens reached '{name}'")
         mine = self.sums.get(name)
