@@ -73,11 +73,20 @@ ONESHOT_TARGETS = ((0.5, None), (0.7, None), (None, "2:4"))
 
 @dataclass
 class TaskSetup:
-    """One task's shared setup: every arm sees the same subset, sequence length and batch."""
+    """One setting's shared setup: every arm sees the same subset, sequence length and batch.
+
+    The long-budget settings (not run by default) test the lever the short ones point to:
+    ``teacher_steps`` / ``base_steps`` replace the command-line budgets, and ``teacher_from``
+    reuses another setting's teacher (same data), so that only the sparse budget changes."""
 
     task: str
     max_seq_length: int
     max_train_samples: int | None
+    teacher_steps: int | None = None
+    base_steps: int | None = None
+    teacher_from: str | None = None
+    key: str = ""
+    """The setting's name in ``TASKS``: its work folder and the ``task`` of its rows."""
 
 
 TASKS = {
@@ -85,7 +94,18 @@ TASKS = {
     "mrpc": TaskSetup("mrpc", 128, None),
     "stsb": TaskSetup("stsb", 128, None),
     "rte": TaskSetup("rte", 128, None),
+    # SST-2's full 67,349 training sentences: teacher one epoch, sparse base budget 5x
+    "sst2-full": TaskSetup("sst2", 64, None, teacher_steps=2105, base_steps=600),
+    # the same teacher, sparse base budget 1000 (90%: 3,322 steps, 1.6 epochs)
+    "sst2-full-long": TaskSetup("sst2", 64, None, base_steps=1000, teacher_from="sst2-full"),
+    # MRPC / STS-B / RTE with the short setting's teacher and 3x its sparse base budget
+    "mrpc-3x": TaskSetup("mrpc", 128, None, base_steps=360, teacher_from="mrpc"),
+    "stsb-3x": TaskSetup("stsb", 128, None, base_steps=360, teacher_from="stsb"),
+    "rte-3x": TaskSetup("rte", 128, None, base_steps=360, teacher_from="rte"),
 }
+for _key, _setup in TASKS.items():
+    _setup.key = _key
+DEFAULT_TASKS = ["sst2", "mrpc", "stsb", "rte"]
 
 
 def cpu_model() -> str:
@@ -143,13 +163,14 @@ class Bench:
                             resume="auto" if started else None,
                             overwrite=os.path.isdir(out) and not started)
 
-        return self.cached(setup.task, name, run)
+        return self.cached(setup.key, name, run)
 
     def gradual(self, name: str, recipe: str, start: str, setup: TaskSetup, sparsity: float, teacher: str,
                 extra: tuple[str, ...] = ()) -> dict | None:
         """A gradual arm: ``recipe`` from ``start`` to ``sparsity`` with the scaled budget of
-        ``--base-steps``, KD from ``teacher`` and the shared pruning LR."""
-        return self.train(name, recipe, start, setup, self.args.base_steps, teacher=teacher,
+        the setting's base steps (else ``--base-steps``), KD from ``teacher`` and the shared pruning LR."""
+        base = setup.base_steps or self.args.base_steps
+        return self.train(name, recipe, start, setup, base, teacher=teacher,
                           overrides=(f"sparsity={sparsity}", "budget.scale=sparsity", *extra),
                           lr=self.args.prune_lr)
 
@@ -162,13 +183,13 @@ class Bench:
                         criterion, out, sparsity=sparsity, pattern=pattern, options=options,
                         overwrite=os.path.isdir(out))
 
-        return self.cached(setup.task, name, run)
+        return self.cached(setup.key, name, run)
 
     def add(self, task: str, method: str, target: float, pattern: str | None, info: dict | None,
             **extra) -> None:
         if info is None:  # --cached-only: not run yet
             return
-        metric = get_task(task).main_metric
+        metric = get_task(TASKS[task].task).main_metric
         metrics = info["metrics"]
         value = metrics.get(f"eval_{metric}", metrics.get(metric))
         others = {k.removeprefix("eval_"): round(float(v), 4) for k, v in metrics.items()
@@ -298,7 +319,7 @@ def markdown(rows: list[dict], meta: dict, notes: list[str]) -> str:
                      f"{r.get('wall_seconds') or 0:.0f} |")
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines += ["", "What learning nothing scores on each dev set: "
-              + "; ".join(f"{t} {CHANCE[t]}" for t in tasks if t in CHANCE) + "."]
+              + "; ".join(f"{t} {CHANCE[TASKS[t].task]}" for t in tasks if t in TASKS) + "."]
     lines += ["", "## Targets", ""] + targets(rows)
     lines += ["", "## Setup", "", "```json", json.dumps(meta, indent=2), "```", ""]
     if notes:
@@ -316,9 +337,13 @@ def plot(rows: list[dict], path: str) -> None:
     if not tasks:
         return
     most = max(len({r["method"] for r in rows if r["task"] == t}) for t in tasks)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4 + 0.11 * most), squeeze=False)
+    ncols = min(4, len(tasks))
+    nrows = math.ceil(len(tasks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, (4 + 0.11 * most) * nrows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
     styles = [(c, m) for m in ("o", "s", "^", "D") for c in plt.get_cmap("tab10").colors]
-    for ax, task in zip(axes[0], tasks, strict=True):
+    for ax, task in zip(axes.flat, tasks, strict=False):
         sel = [r for r in rows if r["task"] == task and r.get("value") is not None]
         d = dense_value(rows, task)
         if d is not None:
@@ -353,15 +378,18 @@ def oneshot_name(prefix: str, sparsity: float, pattern: str | None) -> str:
 def run_task(b: Bench, task: str, with_learned: bool) -> None:
     a = b.args
     setup = TASKS[task]
-    info = b.train("dense", "finetune", None, setup, a.teacher_steps, lr=a.teacher_lr)
+    teacher_setup = TASKS[setup.teacher_from] if setup.teacher_from else setup
+    info = b.train("dense", "finetune", None, teacher_setup, teacher_setup.teacher_steps or a.teacher_steps,
+                   lr=a.teacher_lr)
     b.add(task, "dense", 0.0, None, info)
-    teacher = os.path.join(a.work, task, "dense")
+    teacher = os.path.join(a.work, teacher_setup.key, "dense")
     for s in (0.8, 0.9):
         for recipe in a.recipes:
             info = b.gradual(f"{recipe}-{int(s * 100)}", recipe, teacher, setup, s, teacher)
             b.add(task, f"{recipe}-{int(s * 100)}", s, None, info)
     obs_start(b, task, setup, teacher)
-    for criterion in ONESHOT:
+    # a reused teacher's one-shot models are the other setting's
+    for criterion in () if a.no_oneshot or setup.teacher_from else ONESHOT:
         for s, pattern in ONESHOT_TARGETS:
             info = b.oneshot(oneshot_name(f"oneshot-{criterion}", s, pattern), teacher, setup, criterion, s,
                              pattern)
@@ -413,7 +441,7 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
                                                   max_seq_length=setup.max_seq_length)
                 except (RuntimeError, OSError, subprocess.SubprocessError) as err:
                     row = {"task": task, "method": f"llmc-{method}", "target_sparsity": s,
-                           "metric": get_task(task).main_metric, "value": None, "error": str(err)}
+                           "metric": get_task(setup.task).main_metric, "value": None, "error": str(err)}
                 if row.get("value") is not None:
                     with open(os.path.join(out, "peer.json"), "w") as f:
                         json.dump(row, f, indent=2, default=str)
@@ -480,7 +508,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.path.join(HERE, "..", "..", "shared", "data"))
     p.add_argument("--work", default=os.path.join(HERE, "work", "accuracy"))
     p.add_argument("--results", default=os.path.join(HERE, "results"))
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS),
+                   help="settings to run; the long-budget ones (sst2-full*, *-3x) only when named")
     p.add_argument("--learned-task", default="sst2", help="the task of the learned-mask methods and peers")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--teacher-steps", type=int, default=200)
@@ -489,7 +518,8 @@ def main() -> None:
                    help="the 50%% budget; 80%% and 90%% get it scaled (budget.scale=sparsity)")
     p.add_argument("--prune-lr", type=float, default=8e-5)
     p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--recipes", nargs="+", default=["gmp", "obert", "sparsegpt-gmp"],
+    p.add_argument("--no-oneshot", action="store_true", help="leave out the one-shot arms at 50/70/2:4")
+    p.add_argument("--recipes", nargs="*", default=["gmp", "obert", "sparsegpt-gmp"],
                    help="the gradual recipes run at 80%% and 90%% from the teacher")
     p.add_argument("--obs-start-recipes", nargs="+", default=["gmp", "sparsegpt-gmp"],
                    help="the gradual recipes run from one-shot SparseGPT 70%%")
