@@ -29,6 +29,15 @@ sparse arms start from the same teacher. Results are rewritten after every run
 ``peer.json``) are not repeated, so an interrupted benchmark continues where it stopped.
 
     OMP_NUM_THREADS=1 python bench/accuracy.py --data-dir ../shared/data
+
+Long-budget settings, run only when ``--tasks`` names them (rows carry the setting's name as
+``task``): ``sst2-full`` (the full SST-2 training set, a one-epoch teacher, base 600 steps),
+``sst2-full-long`` (its teacher, base 1000), ``mrpc-3x`` / ``stsb-3x`` / ``rte-3x`` (the short
+setting's teacher, 3x the base steps). Choose their arms with ``--recipes``,
+``--obs-start-targets`` / ``--obs-start-recipes`` and ``--no-oneshot``, e.g.
+
+    OMP_NUM_THREADS=1 python bench/accuracy.py --tasks mrpc-3x --recipes obert --obs-start-targets \
+        --no-peers
 """
 
 from __future__ import annotations
