@@ -410,7 +410,7 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
     info = b.gradual("gmp-90-layer-kd", "gmp", teacher, setup, 0.9, teacher,
                      extra=("distillation.hidden=1.0", "distillation.attention=1.0"))
     b.add(task, "gmp-90-layer-kd", 0.9, None, info)
-    steps90 = scaled_steps(a.base_steps, 0.9)
+    steps90 = scaled_steps(setup.base_steps or a.base_steps, 0.9)
     for method in LEARNED:
         # learned masks get the 90% budget of the gradual pruners, KD from the same teacher; the
         # methods that never change a weight (SMP, mask training) start from the teacher, so
@@ -435,8 +435,9 @@ def run_task(b: Bench, task: str, with_learned: bool) -> None:
         row = load_peer(out)
         if row is None and not a.cached_only:
             print(f"=== {task}/torch-ao-{int(s * 100)}", flush=True)
-            row = peers.run_torch_ao(teacher, task, s, scaled_steps(a.base_steps, s), a.batch_size,
-                                     a.prune_lr, a.data_dir, out, setup.max_train_samples, teacher=teacher,
+            steps = scaled_steps(setup.base_steps or a.base_steps, s)
+            row = peers.run_torch_ao(teacher, task, s, steps, a.batch_size, a.prune_lr, a.data_dir, out,
+                                     setup.max_train_samples, teacher=teacher,
                                      max_seq_length=setup.max_seq_length)
         b.add_peer(row)
     for method in ("sparsegpt", "wanda"):
@@ -471,8 +472,10 @@ def obs_start(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None:
     a = b.args
     if not a.obs_start_targets:
         return
-    start70 = os.path.join(a.work, task, "oneshot-sparsegpt-70")
-    if b.oneshot("oneshot-sparsegpt-70", teacher, setup, "sparsegpt", 0.7, None) is None:
+    # one-shot models depend only on the teacher: a setting that reuses a teacher reuses them
+    owner = TASKS[setup.teacher_from] if setup.teacher_from else setup
+    start70 = os.path.join(a.work, owner.key, "oneshot-sparsegpt-70")
+    if b.oneshot("oneshot-sparsegpt-70", teacher, owner, "sparsegpt", 0.7, None) is None:
         return
     for s in a.obs_start_targets:
         pct = int(round(s * 100))
@@ -480,8 +483,9 @@ def obs_start(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None:
             name = f"sgpt-{recipe}-{pct}"
             info = b.gradual(name, recipe, start70, setup, s, teacher)
             b.add(task, name, s, None, info, start="oneshot-sparsegpt-70")
-        info = b.oneshot(f"oneshot-sparsegpt-{pct}", teacher, setup, "sparsegpt", s, None)
-        b.add(task, "oneshot-sparsegpt", s, None, info)
+        if owner is setup:  # else the row is the teacher's setting's
+            info = b.oneshot(f"oneshot-sparsegpt-{pct}", teacher, owner, "sparsegpt", s, None)
+            b.add(task, "oneshot-sparsegpt", s, None, info)
 
 
 def true_sequential(b: Bench, task: str, setup: TaskSetup, teacher: str) -> None:
